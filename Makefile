@@ -1,0 +1,31 @@
+# mmcross developer targets. `make help` lists them.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install test test-slow lint bench
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## Create .venv/ and install mmcross with dev extras (seconds when nothing changed)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c "import torch, torchvision.ops, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__)"
+	touch $(STAMP)
+
+test: install  ## Fast tests (tiny random-init models, generated data)
+	$(PY) -m pytest -q
+
+test-slow: install  ## Slow tests too (ViT-B-32, real Flickr8k data in ../shared)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: install  ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install  ## Benchmarks -> bench-results.json
+	$(PY) -m benchmarks.run --out bench-results.json

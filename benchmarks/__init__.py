@@ -1,0 +1,1 @@
+"""`make bench`: named figures written as JSON (see benchmarks/run.py)."""

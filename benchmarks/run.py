@@ -1,0 +1,39 @@
+"""Run the benchmarks and write their named figures as one JSON file.
+
+Usage: python -m benchmarks.run [--out bench-results.json] [--only text ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from benchmarks import bench_text
+
+BENCHES = {"text": bench_text.run}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="bench-results.json")
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    args = parser.parse_args()
+    results: dict[str, object] = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for name in args.only or sorted(BENCHES):
+        start = time.perf_counter()
+        results.update(BENCHES[name]())
+        print(f"bench {name}: {time.perf_counter() - start:.1f}s")
+    with open(args.out, "w") as out:
+        json.dump(results, out, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""open_clip encoders: pooled embeddings plus the token states the fusion head needs.
+
+This is the only module that imports open_clip. It exposes:
+
+- `ImageEncoder`: pixels (B, 3, H, W) -> `ImageFeatures(pooled (B, E), tokens (B, P, Dv))`.
+- `TextEncoder`: token ids (B, C) -> `TextFeatures(pooled (B, E), tokens (B, L, Dt), mask (B, L))`, each batch cut
+  to its longest caption instead of the fixed context C (77 for CLIP). With a causal text tower and EOT pooling,
+  no real position attends to padding, so the cut changes nothing but the cost. `TextEncoder.encode` also sorts
+  captions by length before batching, so most batches are short.
+- `load_encoders(EncoderCfg)`: builds both from an open_clip architecture with seeded random init or pretrained
+  weights (tag, local file, `hf-hub:` id), failing fast and clearly when the weights cannot be fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from open_clip.hf_model import HFTextEncoder
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import TextTransformer, VisionTransformer
+from torch import nn
+
+from mmcross.config import PRESET_DIR, EncoderCfg
+
+HF_HOST = "huggingface.co"
+CONNECT_TIMEOUT_S = 3.0
+_OPEN_CLIP_CONFIG_DIR = PRESET_DIR / "open_clip"
+
+
+class PretrainedUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded (offline, unknown tag, missing file)."""
+
+
+@dataclass
+class ImageFeatures:
+    pooled: torch.Tensor  # (B, E) projected image embedding, not normalised
+    tokens: torch.Tensor  # (B, P, Dv) patch tokens (class token excluded for ViTs)
+
+
+@dataclass
+class TextFeatures:
+    pooled: torch.Tensor  # (B, E) projected caption embedding, not normalised
+    tokens: torch.Tensor  # (B, L, Dt) token states, L = longest caption in the batch (or the full context)
+    mask: torch.Tensor  # (B, L) bool, True at real tokens (start, words, end), False at padding
+
+
+def list_architectures() -> list[str]:
+    """open_clip architecture names, including mmcross's own (e.g. `mmcross-tiny`)."""
+    _register_configs()
+    return open_clip.list_models()
+
+
+def _register_configs() -> None:
+    if "mmcross-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(_OPEN_CLIP_CONFIG_DIR)
+
+
+class ImageEncoder(nn.Module):
+    """Wraps an open_clip vision tower so it returns its pooled embedding and its patch tokens."""
+
+    def __init__(self, visual: nn.Module, preprocess: Callable | None = None, preprocess_train: Callable | None = None):
+        super().__init__()
+        self.visual = visual
+        self.preprocess = preprocess  # PIL image -> (3, H, W) tensor, evaluation transform
+        self.preprocess_train = preprocess_train  # the same with open_clip's training augmentation
+        if isinstance(visual, VisionTransformer):
+            visual.output_tokens = True
+            self.token_dim = visual.transformer.width
+        elif isinstance(visual, ModifiedResNet):
+            self.token_dim = visual.attnpool.k_proj.in_features
+        elif isinstance(visual, TimmModel):
+            self.token_dim = visual.trunk.num_features
+        else:
+            raise NotImplementedError(f"mmcross cannot take patch tokens from a {type(visual).__name__} vision tower")
+        self.embed_dim = visual.output_dim
+        self.image_size = visual.image_size
+
+    def forward(self, pixels: torch.Tensor) -> ImageFeatures:
+        visual = self.visual
+        if isinstance(visual, VisionTransformer):
+            pooled, tokens = visual(pixels)  # (B, E), (B, P, Dv)
+        elif isinstance(visual, ModifiedResNet):
+            x = visual.stem(pixels)
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, Dv, h, w)
+            tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, Dv)
+            pooled = visual.attnpool(x)
+        else:
+            features = visual.trunk.forward_features(pixels)
+            pooled = visual.head(visual.trunk.forward_head(features))
+            if features.ndim == 4:  # convnet feature map (B, Dv, h, w)
+                tokens = features.flatten(2).transpose(1, 2)
+            else:  # (B, prefix + P, Dv)
+                tokens = features[:, getattr(visual.trunk, "num_prefix_tokens", 0) :]
+        return ImageFeatures(pooled=pooled, tokens=tokens)
+
+
+class TextEncoder(nn.Module):
+    """Wraps an open_clip text tower so it returns pooled embedding, token states and padding mask."""
+
+    def __init__(self, model: nn.Module, tokenizer: Callable):
+        super().__init__()
+        self.tokenizer = tokenizer
+        tower = getattr(model, "text", None)
+        if isinstance(tower, HFTextEncoder):
+            self.tower = tower
+            tower.output_tokens = True
+            self.pad_id = tower.config.pad_token_id
+            self.token_dim = tower.transformer.config.hidden_size
+            self.context_length = tokenizer.context_length
+            self.embed_dim = tower.output_dim
+            self.cuttable = True  # HF towers mask padding themselves
+            return
+        if isinstance(tower, TextTransformer) and (tower.cls_emb is not None or tower.use_pad_mask):
+            # CoCa-style or padding-masked towers build their own masks: run them as they are, uncut.
+            self.tower = tower
+            tower.output_tokens = True
+            self.pool_type, self.eos_id, self.pad_id = tower.pool_type, tower.eos_id, tower.pad_id
+            self.token_dim = tower.width
+            self.context_length = tower.context_length
+            self.embed_dim = tower.output_dim
+            self.cuttable = False
+            return
+        # CLIP keeps its text tower's parts on the model itself; CustomTextCLIP keeps them on `model.text`.
+        src = tower if tower is not None else model
+        self.tower = None
+        self.token_embedding = src.token_embedding
+        self.positional_embedding = src.positional_embedding
+        self.transformer = src.transformer
+        self.ln_final = src.ln_final
+        self.text_projection = src.text_projection
+        self.register_buffer("attn_mask", src.attn_mask, persistent=False)
+        self.pool_type = src.pool_type if tower is not None else src.text_pool_type
+        self.eos_id = src.eos_id if tower is not None else src.text_eos_id
+        self.pad_id = getattr(src, "pad_id", 0)
+        self.token_dim = self.transformer.width
+        self.context_length = self.positional_embedding.shape[0]
+        self.embed_dim = (
+            self.text_projection.out_features
+            if isinstance(self.text_projection, nn.Linear)
+            else (self.text_projection.shape[1] if self.text_projection is not None else self.token_dim)
+        )
+        # Cutting is exact only when padding sits after the pooled position and nothing attends forward to it.
+        self.cuttable = self.attn_mask is not None and self.pool_type in ("argmax", "eos")
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> token ids (N, C); captions longer than the context are truncated as open_clip does."""
+        return self.tokenizer(captions)
+
+    def padding_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, C) token ids -> (B, C) bool, True at real tokens."""
+        if self.tower is None and self.pool_type in ("argmax", "eos"):
+            if self.pool_type == "argmax":
+                end = tokens.argmax(dim=-1)  # (B,) the end token has the largest id
+            else:
+                end = (tokens == self.eos_id).int().argmax(dim=-1)  # (B,)
+            return torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= end[:, None]
+        return tokens != self.pad_id
+
+    def forward(self, tokens: torch.Tensor) -> TextFeatures:
+        mask = self.padding_mask(tokens)  # (B, C)
+        if self.cuttable:
+            length = int(mask.sum(dim=1).max())
+            tokens, mask = tokens[:, :length], mask[:, :length]  # (B, L)
+        if self.tower is not None:
+            pooled, states = self.tower(tokens)
+            if states.shape[1] != mask.shape[1]:  # an HF CLS pooler drops the CLS position from its tokens
+                mask = mask[:, 1:]
+            return TextFeatures(pooled=pooled, tokens=states, mask=mask)
+
+        length = tokens.shape[1]
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(tokens).to(cast_dtype)  # (B, L, Dt)
+        x = x + self.positional_embedding[:length].to(cast_dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)  # (B, L, Dt)
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self.pool_type == "argmax":
+            pooled = x[rows, tokens.argmax(dim=-1)]  # (B, Dt)
+        elif self.pool_type == "eos":
+            pooled = x[rows, (tokens == self.eos_id).int().argmax(dim=-1)]
+        elif self.pool_type == "first":
+            pooled = x[:, 0]
+        elif self.pool_type == "last":
+            pooled = x[:, -1]
+        else:
+            pooled = x
+        if isinstance(self.text_projection, nn.Linear):
+            pooled = self.text_projection(pooled)  # (B, E)
+        elif self.text_projection is not None:
+            pooled = pooled @ self.text_projection
+        return TextFeatures(pooled=pooled, tokens=x, mask=mask)
+
+    @torch.inference_mode()
+    def encode(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Pooled embeddings (N, E) in input order, batching captions of similar length together."""
+        device = next(self.parameters()).device
+        tokens = self.tokenize(captions)  # (N, C)
+        order = torch.argsort(self.padding_mask(tokens).sum(dim=1), stable=True)
+        out = torch.empty(len(captions), self.embed_dim)
+        for start in range(0, len(captions), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self(tokens[idx].to(device)).pooled.float().cpu()
+        return out
+
+
+@dataclass
+class Encoders:
+    image: ImageEncoder
+    text: TextEncoder
+    model_name: str  # the open_clip architecture actually built
+    pretrained: str | None  # what the weights came from, None for seeded random init
+
+
+def _hub_reachable(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _go_offline_if_unreachable(host: str) -> None:
+    """Honour HF_HUB_OFFLINE; set it ourselves when the host cannot be reached, so nothing retries for minutes."""
+    import huggingface_hub.constants as hf_constants
+
+    if hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        hf_constants.HF_HUB_OFFLINE = True
+        return
+    if not _hub_reachable(host):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hf_constants.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub, so set it there too
+
+
+def _unavailable(what: str, err: Exception | str) -> PretrainedUnavailable:
+    import huggingface_hub.constants as hf_constants
+
+    if isinstance(err, Exception) and hf_constants.HF_HUB_OFFLINE:
+        reason = "offline (HF_HUB_OFFLINE=1) and not in the local cache"
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+    return PretrainedUnavailable(
+        f"cannot load pretrained weights {what}: {reason}. Download the open_clip checkpoint on a machine that "
+        "can reach it and pass the file: --pretrained /path/to/open_clip_model.safetensors"
+    )
+
+
+def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str, str]:
+    """Make sure the weights are on disk; returns (open_clip model name, open_clip `pretrained` argument)."""
+    if pretrained.startswith("hf-hub:"):
+        _go_offline_if_unreachable(HF_HOST)
+        try:
+            open_clip.pretrained.download_pretrained_from_hf(pretrained.removeprefix("hf-hub:"))
+        except Exception as err:  # noqa: BLE001 - huggingface_hub raises many kinds; all mean "not available"
+            raise _unavailable(f"{pretrained} (from {HF_HOST})", err) from err
+        return pretrained, ""
+    if Path(pretrained).expanduser().is_file():
+        return model_name, str(Path(pretrained).expanduser())
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise PretrainedUnavailable(
+            f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
+            f"tags: {', '.join(tags) or 'none'}"
+        )
+    source = f"hf-hub:{tag_cfg['hf_hub']}" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "")
+    host = HF_HOST if tag_cfg.get("hf_hub") else urlparse(source).hostname or HF_HOST
+    _go_offline_if_unreachable(HF_HOST)
+    if not tag_cfg.get("hf_hub") and not _hub_reachable(host):
+        raise _unavailable(f"{model_name}/{pretrained} (from {source})", f"{host} is unreachable")
+    try:
+        open_clip.download_pretrained(tag_cfg)
+    except Exception as err:  # noqa: BLE001
+        raise _unavailable(f"{model_name}/{pretrained} (from {source})", err) from err
+    return model_name, pretrained
+
+
+def load_encoders(cfg: EncoderCfg, device: str | torch.device = "cpu") -> Encoders:
+    """Build the image and text encoders of `cfg`: seeded random init, or the pretrained weights it names."""
+    _register_configs()
+    model_name, pretrained = cfg.model_name, ""
+    if cfg.pretrained:
+        model_name, pretrained = _resolve_pretrained(cfg.model_name, cfg.pretrained)
+    elif cfg.model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {cfg.model_name!r}; see open_clip.list_models()")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the same preset gives the same weights in every process
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=pretrained or None,
+            precision=cfg.precision,
+            device=device,
+            pretrained_text=False,  # never fetch base text weights behind the user's back
+            weights_only=True,
+        )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return Encoders(
+        image=ImageEncoder(model.visual, preprocess, preprocess_train),
+        text=TextEncoder(model, tokenizer),
+        model_name=model_name,
+        pretrained=cfg.pretrained,
+    )
+
+
+def build_open_clip_reference(cfg: EncoderCfg, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
+    """The plain open_clip model and tokenizer for `cfg` (same seed, same weights), for equality tests and benches."""
+    _register_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = open_clip.create_model(cfg.model_name, precision=cfg.precision, device=device, pretrained_text=False)
+    return model.eval(), open_clip.get_tokenizer(cfg.model_name)
+
+
+def architecture_summary(model_name: str) -> dict[str, int]:
+    """Embedding size and parameter counts of an open_clip architecture, without allocating its weights."""
+    _register_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {model_name!r}")
+    with torch.device("meta"):
+        model = open_clip.create_model(model_name, device="meta", pretrained_text=False)
+    visual = sum(p.numel() for p in model.visual.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"embed_dim": int(config["embed_dim"]), "image_params": visual, "text_params": total - visual}
+
+
+def architecture_config(model_name: str) -> dict:
+    """open_clip's JSON config of an architecture (for manifests and fingerprints)."""
+    _register_configs()
+    return json.loads(json.dumps(open_clip.get_model_config(model_name)))
