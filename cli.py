@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 
@@ -62,12 +62,12 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 
 @app.command()
 def embed(
-    text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="A caption to embed (repeatable)."),
-    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image file to embed (repeatable)."),
+    text: list[str] | None = typer.Option(None, "--text", "-t", help="A caption to embed (repeatable)."),
+    image: list[Path] | None = typer.Option(None, "--image", "-i", help="An image file to embed (repeatable)."),
     model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the vectors to this .npy file (N, E)."),
+    pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the vectors to this .npy file (N, E)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per forward pass."),
 ) -> None:
     """Embed captions and/or images with the dual encoder: unit vectors, images first, then captions."""

@@ -23,7 +23,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
     args = parser.parse_args()
     results: dict[str, object] = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     for name in args.only or sorted(BENCHES):

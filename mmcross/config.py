@@ -22,7 +22,7 @@ class EncoderCfg:
     """The open_clip dual encoder."""
 
     model_name: str = "ViT-B-32"  # open_clip architecture name, as listed by `open_clip.list_models()`
-    pretrained: str | None = None  # open_clip tag, local checkpoint file or `hf-hub:org/repo`; None = seeded random init
+    pretrained: str | None = None  # open_clip tag, local checkpoint file or `hf-hub:org/repo`; None = random init
     seed: int = 0  # initialisation seed used when there are no pretrained weights (same preset -> same weights)
     precision: str = "fp32"  # open_clip precision: fp32, fp16, bf16, amp
 
@@ -63,7 +63,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+        known = ", ".join(sorted(names))
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}; known: {known}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -126,7 +127,8 @@ def load_matcher_cfg(preset: str, overrides: dict[str, Any] | None = None) -> Ma
     if not path.is_file():
         path = Path(preset)
         if not path.is_file():
-            raise ValueError(f"unknown model preset {preset!r}: not a file either; presets: {', '.join(list_presets())}")
+            presets = ", ".join(list_presets())
+            raise ValueError(f"unknown model preset {preset!r} (and no such config file); presets: {presets}")
     data = json.loads(path.read_text())
     data.setdefault("name", path.stem)
     cfg = from_dict(MatcherCfg, data)

@@ -42,4 +42,3 @@ def resolve_cfg(preset: str, pretrained: str | None = None, overrides: dict[str,
     if pretrained is not None:
         cfg = apply_overrides(cfg, {"encoder.pretrained": pretrained})
     return cfg
-
