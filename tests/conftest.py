@@ -1,0 +1,29 @@
+"""Shared fixtures: the tiny preset's encoders are built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmcross.config import load_matcher_cfg
+from mmcross.encoders import Encoders, load_encoders
+
+FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return load_matcher_cfg("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders(tiny_cfg) -> Encoders:
+    return load_encoders(tiny_cfg.encoder)
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    if not (FLICKR8K / "Flickr8k.token.txt").is_file():
+        pytest.skip("../shared/data/flickr8k is not on this machine")
+    return FLICKR8K
