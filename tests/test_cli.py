@@ -1,0 +1,82 @@
+"""The CLI shell through Typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_working_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "models" in result.output and "embed" in result.output
+
+
+def test_models_lists_presets_with_encoder_size_and_params():
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert rows["tiny"]["encoder"] == "mmcross-tiny" and rows["tiny"]["embed_dim"] == 128
+    assert rows["vit-b-32"]["encoder"] == "ViT-B-32" and rows["vit-b-32"]["embed_dim"] == 512
+    assert 100e6 < rows["vit-b-32"]["params"] and rows["tiny"]["params"] < rows["vit-b-32"]["params"]
+    table = runner.invoke(app, ["models"])
+    assert table.exit_code == 0 and "tiny" in table.output and "vit-b-32" in table.output
+
+
+def test_embed_text_and_image_to_npy(tmp_path, tiny_encoders):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (80, 60), (200, 20, 20)).save(image)
+    out = tmp_path / "v.npy"
+    args = [
+        "embed",
+        "--model",
+        "tiny",
+        "--image",
+        str(image),
+        "--text",
+        "a red square",
+        "--text",
+        "a dog",
+        "-o",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    vectors = np.load(out)
+    assert vectors.shape == (3, 128)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    expected = tiny_encoders.text.encode(["a red square"])[0].numpy()
+    assert np.allclose(vectors[1], expected / np.linalg.norm(expected), atol=1e-5)
+
+
+def test_embed_set_option_changes_the_model(tmp_path):
+    lines = [
+        runner.invoke(app, ["embed", "--model", "tiny", "-t", "a dog", *extra]).output
+        for extra in ([], ["--set", "encoder.seed=1"])
+    ]
+    first, second = (json.loads(line)["embedding"] for line in lines)
+    assert first != second
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--text", "  "], "empty caption"),
+        (["--image", "missing.jpg"], "cannot read image"),
+        (["--set", "fusion.nope=1", "-t", "x"], "unknown config key"),
+        (["--pretrained", "no-such-tag", "-t", "x"], "neither a file nor an open_clip tag"),
+        ([], "at least one --text or --image"),
+    ],
+)
+def test_embed_bad_input_is_one_clear_line(args, message):
+    result = runner.invoke(app, ["embed", "--model", "tiny", *args])
+    assert result.exit_code == 2
+    assert message in result.output

@@ -1,0 +1,152 @@
+"""The open_clip encoders against open_clip itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmcross.config import EncoderCfg
+from mmcross.data.flickr import read_token_file
+from mmcross.encoders import PretrainedUnavailable, build_open_clip_reference, load_encoders
+
+CAPTIONS = [
+    "a dog",
+    "two people walk along the beach at sunset while a dog runs ahead of them",
+    "red",
+    " ".join(["a very long caption that goes on and on"] * 20),  # far past the 77-token context
+    "a child in a pink dress is climbing up a set of stairs in an entry way .",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_cfg):
+    return build_open_clip_reference(tiny_cfg.encoder)
+
+
+def test_text_pooled_equals_open_clip_including_truncated_captions(tiny_encoders, tiny_reference):
+    model, tokenizer = tiny_reference
+    tokens = tokenizer(CAPTIONS)  # (N, 77)
+    with torch.inference_mode():
+        expected = model.encode_text(tokens)
+        ours = tiny_encoders.text(tokens).pooled
+        ours_sorted = tiny_encoders.text.encode(CAPTIONS, batch_size=2)
+    assert (ours - expected).abs().max() <= 1e-4
+    assert (ours_sorted - expected).abs().max() <= 1e-4  # length-bucketed batches come back in input order
+
+
+def test_text_batch_is_cut_to_longest_caption_and_mask_marks_padding(tiny_encoders):
+    short = ["a dog", "two dogs play in the snow"]
+    tokens = tiny_encoders.text.tokenize(short)  # (2, 77): start, words, end, then zeros
+    lengths = (tokens != 0).sum(dim=1)
+    with torch.inference_mode():
+        features = tiny_encoders.text(tokens)
+    assert features.tokens.shape[1] == int(lengths.max()) < 77
+    assert features.mask.dtype == torch.bool
+    assert features.mask.sum(dim=1).tolist() == lengths.tolist()
+    for row, length in enumerate(lengths.tolist()):
+        assert features.mask[row, :length].all() and not features.mask[row, length:].any()
+
+
+def test_text_tokens_of_a_caption_do_not_depend_on_its_batch(tiny_encoders):
+    alone = tiny_encoders.text.tokenize(["a dog"])
+    with torch.inference_mode():
+        single = tiny_encoders.text(alone)
+        batched = tiny_encoders.text(tiny_encoders.text.tokenize(["a dog", CAPTIONS[3]]))
+    length = int(single.mask.sum())
+    assert torch.allclose(single.tokens[0, :length], batched.tokens[0, :length], atol=1e-5)
+    assert torch.allclose(single.pooled[0], batched.pooled[0], atol=1e-5)
+
+
+def test_image_pooled_equals_open_clip_and_tokens_are_patches(tiny_encoders, tiny_reference):
+    model, _ = tiny_reference
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features = tiny_encoders.image(pixels)
+        expected = model.encode_image(pixels)
+    assert (features.pooled - expected).abs().max() <= 1e-5
+    assert features.tokens.shape == (3, (64 // 8) ** 2, tiny_encoders.image.token_dim)
+
+
+@torch.no_grad()
+def _weights_checksum(encoders) -> float:
+    return float(
+        sum(p.double().sum() for p in encoders.text.parameters())
+        + sum(p.double().sum() for p in encoders.image.parameters())
+    )
+
+
+def test_same_preset_gives_same_weights_in_another_process(tiny_cfg, tiny_encoders):
+    code = (
+        "from mmcross.config import load_matcher_cfg; from mmcross.encoders import load_encoders;"
+        "e = load_encoders(load_matcher_cfg('tiny').encoder);"
+        "print(repr(float(sum(p.double().sum() for p in e.text.parameters())"
+        " + sum(p.double().sum() for p in e.image.parameters()))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out.strip().splitlines()[-1]) == _weights_checksum(tiny_encoders)
+    other_seed = load_encoders(EncoderCfg(model_name=tiny_cfg.encoder.model_name, seed=1))
+    assert _weights_checksum(other_seed) != _weights_checksum(tiny_encoders)
+
+
+def test_local_open_clip_checkpoint_file_is_loaded(tmp_path, tiny_cfg):
+    reference, tokenizer = build_open_clip_reference(EncoderCfg(model_name=tiny_cfg.encoder.model_name, seed=7))
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    loaded = load_encoders(EncoderCfg(model_name=tiny_cfg.encoder.model_name, pretrained=str(path), seed=0))
+    tokens = tokenizer(CAPTIONS)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.text(tokens).pooled, reference.encode_text(tokens), atol=1e-5)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Simulate a machine that reaches no host: every connection attempt fails at once."""
+    import huggingface_hub.constants as hf_constants
+
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("network is unreachable (simulated)")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+@pytest.mark.parametrize("pretrained", ["laion2b_s34b_b79k", "hf-hub:timm/vit_base_patch32_clip_224.openai"])
+def test_offline_pretrained_fails_fast_with_one_clear_line(no_network, pretrained):
+    import huggingface_hub.constants as hf_constants
+
+    with pytest.raises(PretrainedUnavailable) as err:
+        load_encoders(EncoderCfg(model_name="ViT-B-32", pretrained=pretrained))
+    message = str(err.value)
+    assert "\n" not in message
+    assert pretrained.removeprefix("hf-hub:") in message or pretrained in message
+    assert "offline" in message and "--pretrained /path/to/" in message
+    assert no_network and hf_constants.HF_HUB_OFFLINE  # we checked reachability once and switched the hub offline
+
+
+def test_unknown_tag_lists_the_known_tags():
+    with pytest.raises(PretrainedUnavailable, match="laion2b_s34b_b79k"):
+        load_encoders(EncoderCfg(model_name="ViT-B-32", pretrained="no-such-tag"))
+
+
+@pytest.fixture(scope="module")
+def vit_b_32():
+    cfg = EncoderCfg(model_name="ViT-B-32", seed=0)
+    return load_encoders(cfg).text, build_open_clip_reference(cfg)
+
+
+def test_vit_b_32_text_path_equals_open_clip_on_500_flickr8k_captions(flickr8k, vit_b_32):
+    captions = [c for caps in read_token_file(flickr8k / "Flickr8k.token.txt").values() for c in caps][:500]
+    ours, (model, tokenizer) = vit_b_32
+    tokens = tokenizer(captions)
+    with torch.inference_mode():
+        expected = torch.cat([model.encode_text(tokens[i : i + 100]) for i in range(0, len(tokens), 100)])
+    assert (ours.encode(captions, batch_size=100) - expected).abs().max() <= 1e-4
