@@ -1,0 +1,65 @@
+"""Recall@K and ranks against a naive loop, with images of 1, 3 and 7 captions (never assume five)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from mmcross.metrics import retrieval_metrics
+
+
+def naive_metrics(sim: list[list[float]], caption_image: list[int], ks=(1, 5, 10)) -> dict[str, float]:
+    n_images, n_captions = len(sim), len(sim[0])
+    t2i = []
+    for c in range(n_captions):
+        true = sim[caption_image[c]][c]
+        rank = 1 + sum(1 for i in range(n_images) if i != caption_image[c] and sim[i][c] >= true)
+        t2i.append(rank)
+    i2t = []
+    for i in range(n_images):
+        own = [c for c in range(n_captions) if caption_image[c] == i]
+        if not own:
+            continue
+        ranks = []
+        for c in own:
+            beaten_by_wrong = sum(1 for o in range(n_captions) if o not in own and sim[i][o] >= sim[i][c])
+            beaten_by_own = sum(1 for o in own if o != c and sim[i][o] > sim[i][c])
+            ranks.append(1 + beaten_by_wrong + beaten_by_own)
+        i2t.append(min(ranks))
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = sum(r <= k for r in t2i) / len(t2i)
+    for k in ks:
+        out[f"text_retrieval_recall@{k}"] = sum(r <= k for r in i2t) / len(i2t)
+    out["image_retrieval_median_rank"] = statistics.median_low(t2i)
+    out["text_retrieval_median_rank"] = statistics.median_low(i2t)
+    out["rsum"] = 100 * sum(v for key, v in out.items() if "recall@" in key)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("quantise", [False, True])  # quantised scores create many ties
+def test_metrics_equal_naive_loop(seed, quantise):
+    generator = torch.Generator().manual_seed(seed)
+    captions_per_image = [1, 3, 7, 1, 3, 7, 2, 5, 0, 4, 1, 3]  # one image without captions
+    caption_image = torch.tensor([i for i, n in enumerate(captions_per_image) for _ in range(n)])
+    sim = torch.randn(len(captions_per_image), len(caption_image), generator=generator)
+    sim[caption_image, torch.arange(len(caption_image))] += 1.0  # some signal
+    if quantise:
+        sim = sim.round()
+    ours = retrieval_metrics(sim, caption_image, ks=(1, 5, 10))
+    expected = naive_metrics(sim.tolist(), caption_image.tolist())
+    assert ours.keys() == expected.keys()
+    for key in expected:
+        assert ours[key] == pytest.approx(expected[key]), key
+
+
+def test_perfect_and_constant_scores():
+    caption_image = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2])
+    perfect = (caption_image[None, :] == torch.arange(3)[:, None]).float()
+    metrics = retrieval_metrics(perfect, caption_image)
+    assert metrics["image_retrieval_recall@1"] == 1.0 and metrics["text_retrieval_recall@1"] == 1.0
+    constant = retrieval_metrics(torch.zeros(3, len(caption_image)), caption_image)
+    assert constant["image_retrieval_recall@1"] == 0.0 and constant["text_retrieval_recall@1"] == 0.0
