@@ -67,22 +67,32 @@ def _register_configs() -> None:
 class ImageEncoder(nn.Module):
     """Wraps an open_clip vision tower so it returns its pooled embedding and its patch tokens."""
 
-    def __init__(self, visual: nn.Module, preprocess: Callable | None = None, preprocess_train: Callable | None = None):
+    def __init__(
+        self,
+        visual: nn.Module,
+        embed_dim: int,
+        preprocess: Callable | None = None,
+        preprocess_train: Callable | None = None,
+    ):
         super().__init__()
         self.visual = visual
         self.preprocess = preprocess  # PIL image -> (3, H, W) tensor, evaluation transform
         self.preprocess_train = preprocess_train  # the same with open_clip's training augmentation
         if isinstance(visual, VisionTransformer):
             visual.output_tokens = True
-            self.token_dim = visual.transformer.width
+            # CoCa-style towers return attention-pooled query tokens instead of patch tokens.
+            self.token_dim = (
+                visual.attn_pool.query.shape[-1] if visual.attn_pool is not None else visual.transformer.width
+            )
         elif isinstance(visual, ModifiedResNet):
             self.token_dim = visual.attnpool.k_proj.in_features
         elif isinstance(visual, TimmModel):
             self.token_dim = visual.trunk.num_features
         else:
             raise NotImplementedError(f"mmcross cannot take patch tokens from a {type(visual).__name__} vision tower")
-        self.embed_dim = visual.output_dim
-        self.image_size = visual.image_size
+        self.embed_dim = embed_dim
+        size = visual.image_size
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
 
     def forward(self, pixels: torch.Tensor) -> ImageFeatures:
         visual = self.visual
@@ -291,21 +301,25 @@ def load_encoders(cfg: EncoderCfg, device: str | torch.device = "cpu") -> Encode
         model_name, pretrained = _resolve_pretrained(cfg.model_name, cfg.pretrained)
     elif cfg.model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {cfg.model_name!r}; see open_clip.list_models()")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # the same preset gives the same weights in every process
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-            model_name,
-            pretrained=pretrained or None,
-            precision=cfg.precision,
-            device=device,
-            pretrained_text=False,  # never fetch base text weights behind the user's back
-            weights_only=True,
-        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the same preset gives the same weights in every process
+            model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=pretrained or None,
+                precision=cfg.precision,
+                device=device,
+                pretrained_text=False,  # never fetch base text weights behind the user's back
+                weights_only=True,
+            )
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except (RuntimeError, OSError, ImportError) as err:  # e.g. a tower that needs `transformers`, a bad file
+        raise ValueError(f"cannot build open_clip model {model_name}: {err}") from err
     model.eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
+    text = TextEncoder(model, tokenizer)
     return Encoders(
-        image=ImageEncoder(model.visual, preprocess, preprocess_train),
-        text=TextEncoder(model, tokenizer),
+        image=ImageEncoder(model.visual, text.embed_dim, preprocess, preprocess_train),
+        text=text,
         model_name=model_name,
         pretrained=cfg.pretrained,
     )

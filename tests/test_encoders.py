@@ -150,3 +150,20 @@ def test_vit_b_32_text_path_equals_open_clip_on_500_flickr8k_captions(flickr8k, 
     with torch.inference_mode():
         expected = torch.cat([model.encode_text(tokens[i : i + 100]) for i in range(0, len(tokens), 100)])
     assert (ours.encode(captions, batch_size=100) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["RN50", "convnext_base", "coca_ViT-B-32"])
+def test_other_tower_kinds_match_open_clip(model_name):
+    """ResNet, timm and CoCa towers: pooled outputs equal open_clip's, tokens and masks line up."""
+    cfg = EncoderCfg(model_name=model_name, seed=0)
+    encoders, (model, tokenizer) = load_encoders(cfg), build_open_clip_reference(cfg)
+    tokens = tokenizer(CAPTIONS[:3])
+    height, width = encoders.image.image_size
+    pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        text, image = encoders.text(tokens), encoders.image(pixels)
+        assert (text.pooled - model.encode_text(tokens, normalize=False)).abs().max() <= 1e-4
+        assert (image.pooled - model.encode_image(pixels, normalize=False)).abs().max() <= 1e-4
+    assert text.tokens.shape[:2] == text.mask.shape and text.tokens.shape[2] == encoders.text.token_dim
+    assert image.tokens.shape[0] == 2 and image.tokens.shape[2] == encoders.image.token_dim
