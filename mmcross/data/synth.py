@@ -1,0 +1,199 @@
+"""A compositional synthetic dataset: coloured shapes, relational captions, and swapped hard negatives.
+
+Each image holds one to three objects (shape, colour, size) placed in distinct cells of a 3x3 grid. Captions name
+objects ("a big red circle") and relations between two of them ("a red circle left of a blue square", "above",
+"bigger than"). Each caption has a hard negative that is false for its image but uses the same words: the two
+objects' attributes swapped ("a blue circle left of a red square"), or the relation's arguments swapped ("a blue
+square left of a red circle"); a one-object caption gets another colour. A dual encoder that sees a bag of words
+cannot tell such pairs apart; a cross-attention head that binds words to regions can.
+
+`holdout` combinations ("red circle") never occur in train or dev: every image containing one goes to test, so
+test measures compositional generalisation. Generation is deterministic for a seed (same bytes).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SIZES = ("small", "big")
+GRID = 3  # objects sit in distinct cells of a GRID x GRID layout
+BACKGROUND = (245, 245, 245)
+SPLIT_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}  # for images without a held-out combination
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str
+    size: str
+    row: int  # grid row, 0 = top
+    col: int  # grid column, 0 = left
+
+    def phrase(self, with_size: bool = False) -> str:
+        return f"{self.size} {self.colour} {self.shape}" if with_size else f"{self.colour} {self.shape}"
+
+
+@dataclass
+class SynthItem:
+    image_id: str
+    png: bytes
+    captions: list[str]
+    negatives: list[str]  # negatives[i] is the hard negative of captions[i]
+    split: str
+    objects: list[Thing] = field(default_factory=list)
+
+
+def parse_holdout(combo: str) -> tuple[str, str]:
+    """ "red circle" -> ("red", "circle"), checked against the known colours and shapes."""
+    words = combo.lower().split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise ValueError(f"--holdout expects 'COLOUR SHAPE' with colour in {sorted(COLOURS)} and shape in {SHAPES}")
+    return words[0], words[1]
+
+
+def _draw(objects: list[Thing], image_size: int) -> bytes:
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = image_size / GRID
+    for thing in objects:
+        half = cell * (0.45 if thing.size == "big" else 0.25)
+        cx, cy = (thing.col + 0.5) * cell, (thing.row + 0.5) * cell
+        box = (cx - half, cy - half, cx + half, cy + half)
+        fill = COLOURS[thing.colour]
+        if thing.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif thing.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=False)
+    return out.getvalue()
+
+
+def _relations(a: Thing, b: Thing) -> list[str]:
+    """Relations that hold from a to b."""
+    found = []
+    if a.col < b.col:
+        found.append("left of")
+    if a.col > b.col:
+        found.append("right of")
+    if a.row < b.row:
+        found.append("above")
+    if a.row > b.row:
+        found.append("below")
+    if a.size == "big" and b.size == "small":
+        found.append("bigger than")
+    return found
+
+
+def _holds(objects: list[Thing], caption: tuple) -> bool:
+    """Whether a caption (as a tuple) is true of the scene."""
+    if caption[0] == "one":
+        _, colour, shape = caption
+        return any(t.colour == colour and t.shape == shape for t in objects)
+    _, (ca, sa), relation, (cb, sb) = caption
+    return any(
+        relation in _relations(a, b)
+        for a in objects
+        for b in objects
+        if a is not b and (a.colour, a.shape) == (ca, sa) and (b.colour, b.shape) == (cb, sb)
+    )
+
+
+def _text(caption: tuple) -> str:
+    if caption[0] == "one":
+        return f"a {caption[1]} {caption[2]}"
+    _, (ca, sa), relation, (cb, sb) = caption
+    return f"a {ca} {sa} {relation} a {cb} {sb}"
+
+
+def _mentions(caption: tuple, combos: set[tuple[str, str]]) -> bool:
+    if caption[0] == "one":
+        return (caption[1], caption[2]) in combos
+    return caption[1] in combos or caption[3] in combos
+
+
+def _negative(objects: list[Thing], caption: tuple, rng: random.Random, banned: set) -> tuple | None:
+    """A false caption with the caption's words rearranged (attribute or argument swap); None if none exists.
+
+    Negatives never mention a `banned` (held-out) combination, so train text never contains one.
+    """
+    if caption[0] == "one":
+        colours = [c for c in COLOURS if not _holds(objects, ("one", c, caption[2])) and (c, caption[2]) not in banned]
+        return ("one", rng.choice(colours), caption[2]) if colours else None
+    _, (ca, sa), relation, (cb, sb) = caption
+    options = [
+        ("rel", (cb, sa), relation, (ca, sb)),  # colours swapped between the two objects
+        ("rel", (cb, sb), relation, (ca, sa)),  # arguments of the relation swapped
+    ]
+    rng.shuffle(options)
+    for option in options:
+        if option != caption and not _holds(objects, option) and not _mentions(option, banned):
+            return option
+    return None
+
+
+def _scene(rng: random.Random) -> list[Thing]:
+    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], rng.randint(1, 3))
+    objects: list[Thing] = []
+    for row, col in cells:
+        while True:  # objects in one scene differ in colour or shape, so every phrase names one object
+            thing = Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), row, col)
+            if all((thing.colour, thing.shape) != (o.colour, o.shape) for o in objects):
+                break
+        objects.append(thing)
+    return objects
+
+
+def _captions(objects: list[Thing], rng: random.Random, per_image: int) -> list[tuple]:
+    candidates: list[tuple] = [("one", t.colour, t.shape) for t in objects]
+    for a in objects:
+        for b in objects:
+            if a is not b:
+                candidates += [("rel", (a.colour, a.shape), r, (b.colour, b.shape)) for r in _relations(a, b)]
+    rng.shuffle(candidates)
+    relational = [c for c in candidates if c[0] == "rel"]
+    ordered = relational + [c for c in candidates if c[0] == "one"]  # relations first: they are the hard part
+    return ordered[:per_image]
+
+
+def generate(
+    n_images: int, seed: int = 0, image_size: int = 64, holdout: list[str] | None = None, captions_per_image: int = 3
+) -> list[SynthItem]:
+    """Generate `n_images` scenes with captions, hard negatives and splits, deterministically for `seed`."""
+    held = {parse_holdout(combo) for combo in holdout or []}
+    rng = random.Random(seed)
+    items = []
+    for index in range(n_images):
+        objects = _scene(rng)
+        if any((t.colour, t.shape) in held for t in objects):
+            split = "test"
+        else:
+            draw = rng.random()
+            split = (
+                "train" if draw < SPLIT_FRACTIONS["train"] else "dev" if draw < 1 - SPLIT_FRACTIONS["test"] else "test"
+            )
+        banned = set() if split == "test" else held
+        pairs = []
+        for caption in _captions(objects, rng, captions_per_image):
+            negative = _negative(objects, caption, rng, banned)
+            if negative is not None:
+                pairs.append((_text(caption), _text(negative)))
+        items.append(
+            SynthItem(
+                image_id=f"synth_{index:06d}",
+                png=_draw(objects, image_size),
+                captions=[p[0] for p in pairs],
+                negatives=[p[1] for p in pairs],
+                split=split,
+                objects=objects,
+            )
+        )
+    return items

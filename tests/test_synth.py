@@ -1,0 +1,59 @@
+"""The compositional synthetic set: deterministic, negatives false but made of the same words, holdouts test-only."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from mmcross.data.synth import _holds, generate, parse_holdout
+
+
+def _parse(caption: str) -> tuple:
+    words = caption.split()
+    if len(words) == 3:
+        return ("one", words[1], words[2])
+    relation = " ".join(words[3:-3])
+    return ("rel", (words[1], words[2]), relation, (words[-2], words[-1]))
+
+
+def test_same_seed_same_bytes_and_other_seed_differs():
+    first, second = generate(60, seed=3, holdout=["blue square"]), generate(60, seed=3, holdout=["blue square"])
+    assert [(i.png, i.captions, i.negatives, i.split) for i in first] == [
+        (i.png, i.captions, i.negatives, i.split) for i in second
+    ]
+    assert [i.png for i in generate(60, seed=4)] != [i.png for i in first]
+
+
+def test_captions_hold_and_negatives_are_false_rearrangements():
+    items = generate(200, seed=0, image_size=48)
+    assert all(Image.open(io.BytesIO(i.png)).size == (48, 48) for i in items)
+    relational = 0
+    for item in items:
+        assert item.captions and len(item.captions) == len(item.negatives)
+        for caption, negative in zip(item.captions, item.negatives):
+            assert _holds(item.objects, _parse(caption)), caption
+            assert not _holds(item.objects, _parse(negative)), negative
+            if _parse(caption)[0] == "rel":
+                relational += 1
+                assert sorted(caption.split()) == sorted(negative.split())  # the same words, rearranged
+    assert relational > len(items)  # most captions are relations
+
+
+def test_holdout_combinations_only_in_test():
+    items = generate(300, seed=1, holdout=["red circle", "green triangle"])
+    held = [
+        i for i in items if any((t.colour, t.shape) in {("red", "circle"), ("green", "triangle")} for t in i.objects)
+    ]
+    assert held and all(i.split == "test" for i in held)
+    for item in items:
+        if item.split != "test":
+            text = " ".join(item.captions + item.negatives)
+            assert "red circle" not in text and "green triangle" not in text
+    assert {i.split for i in items} == {"train", "dev", "test"}
+
+
+def test_bad_holdout_is_a_clear_error():
+    with pytest.raises(ValueError, match="COLOUR SHAPE"):
+        parse_holdout("purple hexagon")
