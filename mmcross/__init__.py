@@ -1,0 +1,28 @@
+"""mmcross: image-text matching with an open_clip dual encoder and an MMCA-style cross-attention re-ranker.
+
+The public API is listed in `__all__`; names resolve lazily so `import mmcross` (and the CLI's --help) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "EncoderCfg": "mmcross.config",
+    "FusionCfg": "mmcross.config",
+    "MatcherCfg": "mmcross.config",
+    "load_matcher_cfg": "mmcross.config",
+    "load_encoders": "mmcross.encoders",
+    "PretrainedUnavailable": "mmcross.encoders",
+    "list_models": "mmcross.factory",
+    "retrieval_metrics": "mmcross.metrics",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mmcross' has no attribute {name!r}")
