@@ -52,6 +52,19 @@ class MatcherCfg:
     itc_weight: float = 1.0  # ranking score = itm probability + itc_weight * itc cosine (LAVIS ranks by ITM + ITC)
 
 
+@dataclass
+class DataCfg:
+    """Where a dataset's images and captions are and how its images are decoded."""
+
+    format: str = "auto"  # reader: auto, flickr, karpathy, coco, table, folder, wds (`auto` detects the layout)
+    split: str | None = None  # train, dev (alias val) or test; None = every record, those without a split included
+    image_root: str | None = None  # folder that relative image paths resolve against; None = the format's default
+    image_col: str | None = None  # table column with the image path; None = first of image, filepath, ... found
+    caption_col: str | None = None  # table column with the caption(s); None = first of caption, title, ... found
+    max_image_pixels: int = 89_478_485  # width * height above this is a decompression-bomb reject (PIL's default)
+    background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited on this RGB colour
+
+
 def list_presets() -> list[str]:
     """Names of the architecture presets shipped with mmcross."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))

@@ -1,0 +1,136 @@
+"""The record every reader yields, reject records, and the text helpers readers share.
+
+A `Record` is one image with its captions: an id, the image as a file path (or encoded bytes, for webdataset
+shards), the captions, and the split. Problems found while reading (empty captions, invalid UTF-8, unparsable lines)
+are collected in a `ReadStats` rather than raised, so one bad line never stops a job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SPLITS = ("train", "dev", "test")
+SPLIT_ALIASES = {"train": "train", "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev", "test": "test"}
+UNASSIGNED = "unassigned"  # how reports name records that no split lists
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Record:
+    """One image and its captions, as every reader yields it."""
+
+    image_id: str  # unique within a dataset: a file name, a relative path, a COCO id or a shard key
+    captions: list[str]  # stripped, non-empty; may be empty for an image without captions
+    split: str | None = None  # train, dev or test; None when the dataset does not say
+    path: Path | None = None  # the image file (None when the image comes as bytes)
+    data: bytes | None = None  # the encoded image, for records read from webdataset shards
+    origin: str = ""  # where the record was read, for messages: "Flickr8k.token.txt", "shard-000000.tar"
+    lines: list[int] = field(default_factory=list)  # 1-based source lines (or rows) the record came from
+
+    @property
+    def where(self) -> str:
+        """The image's location for messages and reject records: its path, or `origin#image_id` for bytes."""
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.origin}#{self.image_id}" if self.origin else self.image_id
+
+
+@dataclass
+class Reject:
+    """Something that could not be used, and why; written one per line to `rejects.jsonl`."""
+
+    path: str  # the image file, `shard.tar#key`, or the text file holding a bad caption
+    reason: str  # one line: "missing file", "truncated image: ...", "empty caption"
+    image_id: str | None = None
+    kind: str = "image"  # image, caption or record
+    line: int | None = None  # 1-based line or row in `path`, for caption rejects
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, ensure_ascii=False)
+
+
+@dataclass
+class ReadStats:
+    """What a reader noticed besides the records themselves."""
+
+    rejects: list[Reject] = field(default_factory=list)  # empty captions, unparsable lines or rows
+    invalid_utf8: int = 0  # captions (or lines) whose invalid UTF-8 bytes were replaced by U+FFFD
+    notes: list[str] = field(default_factory=list)  # where splits and images were found, for the report
+    orphans: list[str] = field(default_factory=list)  # image files that no caption line names
+
+    def reject(self, path: str | Path, reason: str, *, image_id: str | None = None, kind: str = "caption", line=None):
+        self.rejects.append(Reject(str(path), reason, image_id=image_id, kind=kind, line=line))
+
+
+def normalise_split(name: object, strict: bool = True) -> str | None:
+    """train / dev / test from any common spelling (val, validation -> dev); None for None or empty.
+
+    Unknown names raise ValueError when `strict` (a user's `--split`), else give None (a dataset's own labels).
+    """
+    if name is None or not str(name).strip():
+        return None
+    key = str(name).strip().lower()
+    if key not in SPLIT_ALIASES:
+        if strict:
+            raise ValueError(f"unknown split {name!r}; use train, dev (alias val) or test")
+        return None
+    return SPLIT_ALIASES[key]
+
+
+def decode_text(raw: bytes, stats: ReadStats) -> str:
+    """UTF-8 (a leading BOM dropped), invalid bytes replaced by U+FFFD and counted in `stats.invalid_utf8`."""
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8 += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def read_lines(path: str | Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of a text file; LF, CRLF and CR endings all accepted, invalid UTF-8 replaced."""
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    for number, raw in enumerate(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"), start=1):
+        yield number, decode_text(raw, stats)
+
+
+def clean_caption(text: object, stats: ReadStats, where: str | Path, *, image_id: str | None = None, line=None):
+    """A caption stripped of surrounding whitespace, or None (and a reject) when nothing is left."""
+    caption = "" if text is None else str(text).strip()
+    if not caption:
+        stats.reject(where, "empty caption", image_id=image_id, line=line)
+        return None
+    return caption
+
+
+def find_first(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of `names` that exists as a sub-folder of `folder`."""
+    for name in names:
+        if (folder / name).is_dir():
+            return folder / name
+    return None
+
+
+class RejectLog:
+    """Appends reject records to `rejects.jsonl` in a job's output folder and counts them."""
+
+    def __init__(self, out_dir: str | Path, name: str = "rejects.jsonl"):
+        self.path = Path(out_dir) / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.count = 0
+
+    def write(self, rejects: Iterable[Reject | tuple[int, Reject]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as out:
+            for reject in rejects:
+                reject = reject[1] if isinstance(reject, tuple) else reject
+                out.write(reject.to_json() + "\n")
+                self.count += 1
+
+
+def read_rejects(path: str | Path) -> list[dict]:
+    """The records of a `rejects.jsonl` file."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
