@@ -39,6 +39,7 @@ class FusionCfg:
     dim_head: int = 64  # width of one head
     mlp_ratio: float = 4.0  # feed-forward width as a multiple of `dim`
     dropout: float = 0.0  # dropout in attention and feed-forward layers
+    seed: int = 0  # initialisation seed of the fusion block and match head (same config -> same weights)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class MatcherCfg:
     description: str = ""  # one line shown by `mmcross models`
     encoder: EncoderCfg = field(default_factory=EncoderCfg)
     fusion: FusionCfg = field(default_factory=FusionCfg)
-    itc_weight: float = 1.0  # ranking score = itm probability + itc_weight * itc cosine (LAVIS ranks by ITM + ITC)
+    itc_weight: float = 1.0  # ranking score = itm + itc_weight * itc; itm = sigmoid(match logit), itc = cosine
 
 
 @dataclass

@@ -1,0 +1,336 @@
+"""MMCA-style cross-attention fusion and the fully connected match head.
+
+Shape legend (used in the comments on tensor lines):
+
+    B        pairs in a batch (or candidates scored against one query)
+    P        image patch tokens (fixed per model; images have no padding)
+    L        caption tokens, padded to the batch's longest caption; a mask (B, L) is True at real tokens
+    N, M     query and context positions of one attention call
+    Dv, Dt   encoder token widths (image, text)
+    D        fusion width (`FusionCfg.dim`)
+    H, Dh    attention heads and the width of one head (`heads`, `dim_head`)
+    X        cross layers (`cross_layers`)
+
+The fusion follows MMCA (Wei et al., CVPR 2020): encoder tokens are projected to D, each modality goes through
+its own bidirectional self-attention (`self_layers`), then a cross module mixes them (`cross_layers`):
+
+- `joint` (default, MMCA): self-attention over the concatenation [image tokens; text tokens] with a learned
+  modality embedding added to each side; padded text positions are masked out as keys.
+- `text_to_image` (BLIP-style): each layer is text self-attention, then text queries attending to the image
+  tokens, then a feed-forward. The image side never changes, so its per-layer keys/values (X, 2, H, P, Dh) depend
+  on the image alone and can be computed once and cached (`Fusion.image_kv`).
+
+Both sides are then mean-pooled (text over real tokens only) and `MatchHead` maps the concatenation to one
+match logit per pair. Padded text positions never act as keys and are left out of every pooling, so appending
+padding changes no score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcross.config import FusionCfg
+
+VARIANTS = ("joint", "text_to_image")
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` over `context` (CoCa form); pass `context=x` for self-attention.
+
+    Args:
+        dim: width of `x` and of the output.
+        context_dim: width of `context`; None means `dim`.
+        heads: attention heads.
+        dim_head: width of one head.
+        dropout: dropout on the attention weights (training only).
+    """
+
+    def __init__(
+        self, dim: int, *, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.scale = dim_head**-0.5
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def project_kv(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values of a context, stacked: (B, M, Dc) -> (B, 2, H, M, Dh). Cacheable per context."""
+        b, m, _ = context.shape
+        kv = self.to_kv(context).view(b, m, 2, self.heads, self.dim_head)  # (B, M, 2, H, Dh)
+        return kv.permute(0, 2, 3, 1, 4)  # (B, 2, H, M, Dh)
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        *,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend with precomputed keys/values (see `project_kv`).
+
+        Args:
+            x: queries (B, N, D).
+            kv: keys and values (B, 2, H, M, Dh); a batch of 1 is broadcast over B.
+            context_mask: (B, M) bool, True at positions that may be attended to; None = all.
+            need_weights: also return the attention weights (B, H, N, M), computed explicitly.
+
+        Returns:
+            The output (B, N, D) and the weights (or None).
+        """
+        b, n, _ = x.shape
+        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, H, N, Dh)
+        k, v = kv[:, 0], kv[:, 1]  # (B, H, M, Dh) each
+        if k.shape[0] != b:
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, M)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, M)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            weights = logits.softmax(dim=-1)  # (B, H, N, M)
+            out = F.dropout(weights, p=p, training=self.training) @ v  # (B, H, N, Dh)
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # (B, N, H*Dh)
+        return self.to_out(out), weights  # (B, N, D)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) queries over a (B, M, Dc) context -> (B, N, D); `context_mask` (B, M) True = attend."""
+        return self.attend(x, self.project_kv(context), context_mask)[0]
+
+
+class FeedForward(nn.Sequential):
+    """Position-wise MLP: D -> mlp_ratio * D -> D with GELU."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        hidden = int(dim * mlp_ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+
+class FusionBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, optionally cross-attention to a context, then feed-forward.
+
+    Args:
+        dim: width D.
+        heads: attention heads.
+        dim_head: width of one head.
+        mlp_ratio: feed-forward width as a multiple of D.
+        dropout: dropout on attention weights and residual branches.
+        cross: add a cross-attention sub-layer (queries from `x`, keys/values from a context of width D).
+    """
+
+    def __init__(
+        self, dim: int, *, heads: int, dim_head: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross: bool = False
+    ):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        if cross:
+            self.norm_cross = nn.LayerNorm(dim)
+            self.norm_context = nn.LayerNorm(dim)
+            self.cross_attn = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, mlp_ratio, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def context_kv(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys/values of the cross-attention for a (B, M, D) context -> (B, 2, H, M, Dh)."""
+        return self.cross_attn.project_kv(self.norm_context(context))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        context_kv: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block.
+
+        Args:
+            x: (B, N, D) token states.
+            mask: (B, N) bool, True at real positions of `x` (padded positions are never attended to).
+            context_kv: cross-attention keys/values from `context_kv` (B or 1, 2, H, M, Dh); cross blocks only.
+            context_mask: (B, M) bool mask of the context; None = all real.
+            need_weights: return attention weights: the cross-attention's (B, H, N, M) in a cross block, the
+                self-attention's (B, H, N, N) otherwise.
+
+        Returns:
+            The new states (B, N, D) and the weights (or None).
+        """
+        h = self.norm_self(x)
+        out, weights = self.self_attn.attend(
+            h, self.self_attn.project_kv(h), mask, need_weights=need_weights and context_kv is None
+        )
+        x = x + self.drop(out)  # (B, N, D)
+        if context_kv is not None:
+            out, weights = self.cross_attn.attend(
+                self.norm_cross(x), context_kv, context_mask, need_weights=need_weights
+            )
+            x = x + self.drop(out)  # (B, N, D)
+        x = x + self.drop(self.ff(self.norm_ff(x)))  # (B, N, D)
+        return x, weights
+
+
+@dataclass
+class FusionOutput:
+    pooled: torch.Tensor  # (B, 2D) [mean of image states; masked mean of text states], the head's input
+    attention: list[torch.Tensor] | None  # per cross layer (B, H, L, P) text-token -> image-patch weights
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, L, D) over the positions where the (B, L) mask is True -> (B, D)."""
+    weights = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+class Fusion(nn.Module):
+    """The MMCA-style fusion block: projections, per-modality self-attention, cross module, pooling.
+
+    The work splits into a per-image part (`image_side`, plus `image_kv` for `text_to_image`), a per-caption part
+    (`text_side`), both cacheable, and the per-pair part (`cross`).
+
+    Args:
+        cfg: fusion hyper-parameters (variant, width, layers, heads).
+        image_dim: encoder patch-token width Dv.
+        text_dim: encoder text-token width Dt.
+    """
+
+    def __init__(self, cfg: FusionCfg, image_dim: int, text_dim: int):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"unknown fusion variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
+        self.variant = cfg.variant
+        self.dim, self.heads, self.dim_head = cfg.dim, cfg.heads, cfg.dim_head
+        d = cfg.dim
+
+        def block(cross: bool = False) -> FusionBlock:
+            return FusionBlock(
+                d, heads=cfg.heads, dim_head=cfg.dim_head, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, cross=cross
+            )
+
+        self.image_proj = nn.Sequential(nn.Linear(image_dim, d), nn.LayerNorm(d))
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, d), nn.LayerNorm(d))
+        self.image_self = nn.ModuleList(block() for _ in range(cfg.self_layers))
+        self.text_self = nn.ModuleList(block() for _ in range(cfg.self_layers))
+        if self.variant == "joint":
+            self.modality = nn.Parameter(torch.randn(2, d) * 0.02)  # (2, D) rows: image, text
+            self.cross_layers = nn.ModuleList(block() for _ in range(cfg.cross_layers))
+        else:
+            self.cross_layers = nn.ModuleList(block(cross=True) for _ in range(cfg.cross_layers))
+        self.norm_image = nn.LayerNorm(d)
+        self.norm_text = nn.LayerNorm(d)
+
+    def image_side(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder patch tokens (B, P, Dv) -> image states (B, P, D) after the image self-attention."""
+        x = self.image_proj(tokens)  # (B, P, D)
+        for layer in self.image_self:
+            x = layer(x)[0]
+        return x
+
+    def text_side(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder token states (B, L, Dt) and mask (B, L) -> text states (B, L, D) after the text self-attention."""
+        x = self.text_proj(tokens)  # (B, L, D)
+        for layer in self.text_self:
+            x = layer(x, mask)[0]
+        return x
+
+    def image_kv(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-cross-layer keys/values of image states (B, P, D) -> (B, X, 2, H, P, Dh); `text_to_image` only."""
+        if self.variant != "text_to_image":
+            raise ValueError(f"only the text_to_image variant has per-layer image keys/values, not {self.variant!r}")
+        return torch.stack([layer.context_kv(image) for layer in self.cross_layers], dim=1)  # (B, X, 2, H, P, Dh)
+
+    def cross(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        image_kv: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> FusionOutput:
+        """The per-pair part: cross module and pooling.
+
+        Args:
+            image: image states (B, P, D) from `image_side`; a batch of 1 is broadcast over B.
+            text: text states (B, L, D) from `text_side`; a batch of 1 is broadcast over B.
+            text_mask: (B, L) bool, True at real tokens.
+            image_kv: cached `image_kv(image)` (B or 1, X, 2, H, P, Dh) for `text_to_image`; None = compute it.
+            need_weights: return the text-token -> image-patch attention per cross layer. For `joint` these are the
+                text rows and image columns of the joint attention (a row sums to the share of attention that
+                went to the image, at most 1); for `text_to_image`, the cross-attention (rows sum to 1).
+
+        Returns:
+            The pooled pair features and the attention maps (or None).
+        """
+        b = max(image.shape[0], text.shape[0], text_mask.shape[0])
+        image, text = image.expand(b, -1, -1), text.expand(b, -1, -1)  # (B, P, D), (B, L, D)
+        text_mask = text_mask.expand(b, -1)  # (B, L)
+        p = image.shape[1]
+        maps: list[torch.Tensor] = []
+        if self.variant == "joint":
+            x = torch.cat([image + self.modality[0], text + self.modality[1]], dim=1)  # (B, P+L, D)
+            mask = torch.cat([text_mask.new_ones(b, p), text_mask], dim=1)  # (B, P+L)
+            for layer in self.cross_layers:
+                x, weights = layer(x, mask, need_weights=need_weights)
+                if weights is not None:
+                    maps.append(weights[:, :, p:, :p])  # (B, H, L, P)
+            image, text = x[:, :p], x[:, p:]  # (B, P, D), (B, L, D)
+        else:
+            kv = self.image_kv(image) if image_kv is None else image_kv  # (B or 1, X, 2, H, P, Dh)
+            for i, layer in enumerate(self.cross_layers):
+                text, weights = layer(text, text_mask, context_kv=kv[:, i], need_weights=need_weights)
+                if weights is not None:
+                    maps.append(weights)  # (B, H, L, P)
+        pooled_image = self.norm_image(image).mean(dim=1)  # (B, D)
+        pooled_text = masked_mean(self.norm_text(text), text_mask)  # (B, D)
+        return FusionOutput(torch.cat([pooled_image, pooled_text], dim=-1), maps if need_weights else None)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        need_weights: bool = False,
+    ) -> FusionOutput:
+        """Aligned pairs from encoder tokens: image (B, P, Dv), text (B, L, Dt), mask (B, L) -> pooled (B, 2D)."""
+        image = self.image_side(image_tokens)
+        text = self.text_side(text_tokens, text_mask)
+        return self.cross(image, text, text_mask, need_weights=need_weights)
+
+
+class MatchHead(nn.Module):
+    """Fully connected match head: pooled pair features (B, 2D) -> one match logit per pair (B,).
+
+    The logit is trained with binary cross-entropy (`BCEWithLogits`, label 1 = the caption describes the image) and
+    read as a probability with a sigmoid. One logit rather than MMCA/BLIP's 2-way softmax: the same information,
+    and the probability of a pair does not depend on an arbitrary second output.
+
+    Args:
+        dim: fusion width D (the input is 2D wide).
+        hidden: width of the hidden layer; None = D.
+        dropout: dropout before the output layer.
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(
+            nn.LayerNorm(2 * dim), nn.Linear(2 * dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled).squeeze(-1)  # (B,)

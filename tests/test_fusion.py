@@ -1,0 +1,192 @@
+"""Fusion block and match head against a naive per-pair reference written with loops and a hand-made softmax."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmcross.config import FusionCfg
+from mmcross.fusion import CrossAttention, Fusion, MatchHead
+
+P, DV, DT = 5, 12, 10  # patches, image and text token widths of the fake encoder outputs
+VARIANTS = ["joint", "text_to_image"]
+
+
+def make_fusion(variant: str, seed: int = 0) -> tuple[Fusion, MatchHead]:
+    cfg = FusionCfg(variant=variant, dim=16, self_layers=1, cross_layers=2, heads=2, dim_head=8, mlp_ratio=2.0)
+    torch.manual_seed(seed)
+    return Fusion(cfg, DV, DT).eval(), MatchHead(cfg.dim).eval()
+
+
+def make_batch(lengths: list[int], pad_to: int | None = None, seed: int = 1):
+    """Random encoder outputs for len(lengths) pairs; padded text positions hold garbage, not zeros."""
+    g = torch.Generator().manual_seed(seed)
+    b, length = len(lengths), pad_to or max(lengths)
+    image = torch.randn(b, P, DV, generator=g)  # (B, P, Dv)
+    text = torch.randn(b, length, DT, generator=g) * 2  # (B, L, Dt)
+    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]  # (B, L)
+    return image, text, mask
+
+
+# ---- the reference: one pair at a time, real tokens only, plain arithmetic --------------------------------------
+
+
+def ref_linear(x, lin):
+    out = x @ lin.weight.T
+    return out + lin.bias if lin.bias is not None else out
+
+
+def ref_layer_norm(x, ln):
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def ref_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def ref_attention(attn: CrossAttention, x, context):
+    """x (N, D) over context (M, Dc): per head, per query, an explicit softmax. Returns output and (H, N, M)."""
+    inner, dh = attn.heads * attn.dim_head, attn.dim_head
+    heads_out, heads_weights = [], []
+    for h in range(attn.heads):
+        wq = attn.to_q.weight[h * dh : (h + 1) * dh]
+        wk = attn.to_kv.weight[h * dh : (h + 1) * dh]
+        wv = attn.to_kv.weight[inner + h * dh : inner + (h + 1) * dh]
+        q, k, v = x @ wq.T, context @ wk.T, context @ wv.T
+        rows, weight_rows = [], []
+        for i in range(x.shape[0]):
+            logits = torch.stack([(q[i] * k[j]).sum() / math.sqrt(dh) for j in range(context.shape[0])])
+            e = torch.exp(logits - logits.max())
+            w = e / e.sum()
+            rows.append(sum(w[j] * v[j] for j in range(context.shape[0])))
+            weight_rows.append(w)
+        heads_out.append(torch.stack(rows))
+        heads_weights.append(torch.stack(weight_rows))
+    return ref_linear(torch.cat(heads_out, dim=-1), attn.to_out), torch.stack(heads_weights)
+
+
+def ref_block(block, x, context=None):
+    h = ref_layer_norm(x, block.norm_self)
+    out, weights = ref_attention(block.self_attn, h, h)
+    x = x + out
+    if context is not None:
+        out, weights = ref_attention(
+            block.cross_attn, ref_layer_norm(x, block.norm_cross), ref_layer_norm(context, block.norm_context)
+        )
+        x = x + out
+    lin1, _, _, lin2 = block.ff
+    return x + ref_linear(ref_gelu(ref_linear(ref_layer_norm(x, block.norm_ff), lin1)), lin2), weights
+
+
+def ref_pair(fusion: Fusion, head: MatchHead, image, text):
+    """Logit and text->image attention maps of one pair: image (P, Dv), text (n, Dt) real tokens only."""
+    img = ref_layer_norm(ref_linear(image, fusion.image_proj[0]), fusion.image_proj[1])
+    txt = ref_layer_norm(ref_linear(text, fusion.text_proj[0]), fusion.text_proj[1])
+    for block in fusion.image_self:
+        img = ref_block(block, img)[0]
+    for block in fusion.text_self:
+        txt = ref_block(block, txt)[0]
+    maps = []
+    if fusion.variant == "joint":
+        x = torch.cat([img + fusion.modality[0], txt + fusion.modality[1]])
+        for block in fusion.cross_layers:
+            x, weights = ref_block(block, x)
+            maps.append(weights[:, P:, :P])
+        img, txt = x[:P], x[P:]
+    else:
+        for block in fusion.cross_layers:
+            txt, weights = ref_block(block, txt, context=img)
+            maps.append(weights)
+    pooled = torch.cat([ref_layer_norm(img, fusion.norm_image).mean(0), ref_layer_norm(txt, fusion.norm_text).mean(0)])
+    ln, lin1, _, _, lin2 = head.net
+    logit = ref_linear(ref_gelu(ref_linear(ref_layer_norm(pooled, ln), lin1)), lin2)[0]
+    return logit, maps
+
+
+# ---- tests --------------------------------------------------------------------------------------------------------
+
+
+def test_cross_attention_equals_manual_softmax_and_explicit_path_equals_sdpa():
+    torch.manual_seed(0)
+    attn = CrossAttention(16, context_dim=12, heads=2, dim_head=8).eval()
+    x, context = torch.randn(3, 4, 16), torch.randn(3, 6, 12)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        fast = attn(x, context, mask)  # scaled_dot_product_attention
+        explicit, weights = attn.attend(x, attn.project_kv(context), mask, need_weights=True)
+        for b in range(3):
+            want, want_weights = ref_attention(attn, x[b], context[b][mask[b]])
+            assert torch.allclose(fast[b], want, atol=1e-5)
+            assert torch.allclose(weights[b][..., mask[b]], want_weights, atol=1e-6)
+    assert torch.allclose(fast, explicit, atol=1e-6)
+    assert weights.shape == (3, 2, 4, 6) and torch.all(weights[~mask[:, None, None, :].expand_as(weights)] == 0)
+    assert torch.allclose(weights.sum(-1), torch.ones(3, 2, 4))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_scores_and_attention_equal_naive_per_pair_reference(variant):
+    fusion, head = make_fusion(variant)
+    lengths = [3, 7, 1, 5]
+    image, text, mask = make_batch(lengths)
+    with torch.no_grad():
+        out = fusion(image, text, mask, need_weights=True)
+        logits = head(out.pooled)
+        for b, n in enumerate(lengths):
+            want_logit, want_maps = ref_pair(fusion, head, image[b], text[b, :n])
+            assert abs(float(logits[b] - want_logit)) < 1e-5
+            assert abs(float(torch.sigmoid(logits[b]) - torch.sigmoid(want_logit))) < 1e-5
+            for got, want in zip(out.attention, want_maps, strict=True):
+                assert torch.allclose(got[b, :, :n], want, atol=1e-5)
+    assert len(out.attention) == 2 and out.attention[0].shape == (4, 2, 7, P)
+    assert logits.std() > 1e-3  # the pairs really differ, so the comparison means something
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_appending_padding_changes_no_score(variant):
+    fusion, head = make_fusion(variant)
+    image, text, mask = make_batch([2, 6, 4])
+    _, padded_text, padded_mask = make_batch([2, 6, 4], pad_to=11, seed=2)  # other garbage in the padding
+    padded_text[:, :6] = text
+    with torch.no_grad():
+        base = head(fusion(image, text, mask).pooled)
+        padded = head(fusion(image, padded_text, padded_mask).pooled)
+    assert torch.allclose(base, padded, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_permuting_the_batch_permutes_the_scores(variant):
+    fusion, head = make_fusion(variant)
+    image, text, mask = make_batch([3, 1, 5, 2, 4])
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    with torch.no_grad():
+        base = head(fusion(image, text, mask).pooled)
+        permuted = head(fusion(image[perm], text[perm], mask[perm]).pooled)
+    assert torch.allclose(base[perm], permuted, atol=1e-6)
+
+
+def test_cached_image_keys_values_and_broadcast_query_equal_recomputation():
+    fusion, head = make_fusion("text_to_image")
+    image, text, mask = make_batch([4, 2, 6])
+    with torch.no_grad():
+        states = fusion.image_side(image)  # (B, P, D)
+        kv = fusion.image_kv(states)  # (B, X, 2, H, P, Dh)
+        assert kv.shape == (3, 2, 2, 2, P, 8)
+        text_states = fusion.text_side(text, mask)
+        cached = head(fusion.cross(states, text_states, mask, image_kv=kv).pooled)
+        assert torch.allclose(cached, head(fusion(image, text, mask).pooled), atol=1e-6)
+        # one caption (batch 1) against three images, broadcast without copies of the caption
+        one = head(fusion.cross(states, text_states[1:2], mask[1:2], image_kv=kv).pooled)
+        each = head(fusion(image, text[1:2].expand(3, -1, -1), mask[1:2].expand(3, -1)).pooled)
+        assert torch.allclose(one, each, atol=1e-6)
+
+
+def test_unknown_variant_and_kv_of_joint_variant_are_errors():
+    with pytest.raises(ValueError, match="text_to_image"):
+        Fusion(FusionCfg(variant="nope"), DV, DT)
+    fusion, _ = make_fusion("joint")
+    with pytest.raises(ValueError, match="text_to_image"):
+        fusion.image_kv(torch.zeros(1, P, 16))
