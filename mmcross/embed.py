@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mmcross.data.images import load_rgb
 from mmcross.encoders import Encoders
 
 
@@ -18,15 +18,6 @@ def embed_texts(encoders: Encoders, captions: list[str], batch_size: int = 256) 
     if empty:
         raise ValueError(f"empty caption at position(s) {empty}")
     return F.normalize(encoders.text.encode(captions, batch_size=batch_size), dim=-1).numpy()
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB with its EXIF orientation applied; a clear ValueError when it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 @torch.inference_mode()

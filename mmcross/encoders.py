@@ -351,3 +351,19 @@ def architecture_config(model_name: str) -> dict:
     """open_clip's JSON config of an architecture (for manifests and fingerprints)."""
     _register_configs()
     return json.loads(json.dumps(open_clip.get_model_config(model_name)))
+
+
+def count_tokens(model_name: str, captions: list[str]) -> tuple[list[int], int]:
+    """Untruncated token counts (start and end tokens included) of captions with `model_name`'s open_clip
+    tokenizer, and that tokenizer's context length; no model is built. Captions longer than the context are the
+    ones open_clip truncates."""
+    _register_configs()
+    if open_clip.get_model_config(model_name) is None:
+        raise ValueError(f"unknown open_clip architecture {model_name!r}")
+    tokenizer = open_clip.get_tokenizer(model_name)
+    context = int(tokenizer.context_length)
+    if isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        return [len(tokenizer.encode(caption)) + 2 for caption in captions], context
+    clean = getattr(tokenizer, "clean_fn", lambda text: text)
+    ids = tokenizer.tokenizer([clean(caption) for caption in captions])["input_ids"]  # Hugging Face tokenizers
+    return [len(row) for row in ids], context
