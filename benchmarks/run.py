@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from benchmarks import bench_text
+from benchmarks import bench_loader, bench_text
 
-BENCHES = {"text": bench_text.run}
+BENCHES = {"loader": bench_loader.run, "text": bench_text.run}
 
 
 def main() -> None:
