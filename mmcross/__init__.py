@@ -10,6 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "DataCfg": "mmcross.config",
     "EncoderCfg": "mmcross.config",
     "FusionCfg": "mmcross.config",
     "MatcherCfg": "mmcross.config",
@@ -18,6 +19,9 @@ _EXPORTS = {
     "PretrainedUnavailable": "mmcross.encoders",
     "list_models": "mmcross.factory",
     "retrieval_metrics": "mmcross.metrics",
+    "Record": "mmcross.data.records",
+    "open_dataset": "mmcross.data.registry",
+    "image_loader": "mmcross.data.loader",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
