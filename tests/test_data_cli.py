@@ -18,7 +18,7 @@ from cli import app
 from mmcross.config import DataCfg
 from mmcross.data.records import read_rejects
 from mmcross.data.registry import open_dataset
-from mmcross.data.validate import validate
+from mmcross.data.validate import format_report, validate
 
 runner = CliRunner()
 
@@ -105,6 +105,19 @@ def test_validate_messy_folder_counts_every_problem(messy):
     assert report.captions["empty_rejected"] == 1 and report.without_captions == 3
 
 
+def test_validate_reports_duplicate_ids_and_split_conflicts(flickr, tmp_path):
+    write(flickr / "Flickr_8k.devImages.txt", "c.jpg\na.jpg\n")  # a.jpg is in train too
+    report = validate(flickr, model_name=None, workers=0)
+    assert [(r.reason, r.image_id) for r in report.rejects if r.kind == "record"] == [
+        ("image listed in both dev and train", "a.jpg")
+    ]
+    write(tmp_path / "t" / "a.jpg", image_bytes())
+    write(tmp_path / "t" / "pairs.csv", "image,caption,split\na.jpg,x,train\na.jpg,y,test\n")
+    report = validate(tmp_path / "t", model_name=None, workers=0)
+    assert report.duplicate_ids == {"a.jpg": 2} and report.images == 2
+    assert "duplicate ids (1): a.jpg (x2)" in format_report(report)
+
+
 def test_validate_counts_tokens_over_the_context(flickr):
     token = flickr / "Flickr8k.token.txt"
     token.write_text(token.read_text() + "a.jpg#9\t" + " ".join(["word"] * 100) + "\n")
@@ -147,6 +160,8 @@ def test_convert_to_wds_readable_by_mmcross_and_like_open_clip(flickr, tmp_path)
     assert not list(out.glob("*.tmp"))
     assert _records(out) == [r for r in _records(flickr) if r[0] != "gone.jpg"]
     assert _records(str(out / "train-{000000..000001}.tar")) == _records(flickr, split="train")
+    again = run("convert", str(flickr), "--to", "wds", "--out", str(out))
+    assert again.exit_code == 2 and "already holds dev-000000.tar" in again.output
 
     import webdataset as wds  # open_clip's pipeline: decode("pilrgb"), rename(image="jpg;png;jpeg;webp", text="txt")
 

@@ -137,6 +137,9 @@ def convert(
     cfg = cfg or DataCfg()
     data = open_dataset(dataset, cfg)
     out = Path(out)
+    stale = sorted(out.glob({"wds": "*.tar", "csv": "*.csv"}.get(to, "*.never"))) if out.is_dir() else []
+    if stale:  # shards or CSVs of an earlier run would mix with this one's (and sizes.json would not list them)
+        raise ValueError(f"{out} already holds {stale[0].name} ...: remove them or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     rejects = RejectLog(out)
     report = ConvertReport(str(dataset), data.format, data.reason, to, str(out), rejects_path=str(rejects.path))

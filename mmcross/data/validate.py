@@ -73,9 +73,13 @@ class ValidationReport:
 
 
 def _check(item: tuple) -> tuple:
-    """Worker: decode one image fully; a small picklable summary or the reject reason."""
+    """Worker: decode one image; a small picklable summary or the reject reason.
+
+    JPEGs decode at their smallest DCT scale (`draft_size`): the whole bitstream is still read and entropy-decoded,
+    so truncated and corrupt files fail as they would at full size, for about a third less work.
+    """
     source, where, image_id, max_pixels, background = item
-    result = try_decode(source, where, image_id, max_pixels=max_pixels, background=background)
+    result = try_decode(source, where, image_id, max_pixels=max_pixels, background=background, draft_size=(1, 1))
     if isinstance(result, Reject):
         return ("reject", result.reason)
     return ("ok", result.format or "?", result.mode, result.rotated, result.transparent)
