@@ -171,7 +171,7 @@ def data_validate(
         report = validate(dataset, cfg, model_name=_tokenizer_model(model), workers=workers, out_dir=out)
     typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else format_report(report))
     if report.failed:
-        typer.echo("error: no image could be read", err=True)
+        typer.echo(f"error: {_nothing_read(report.images, split)}", err=True)
         raise typer.Exit(1)
     if strict and report.rejects:
         raise typer.Exit(1)
@@ -221,10 +221,16 @@ def data_convert(
     typer.echo(f"files: {', '.join(report.files)}")
     typer.echo(f"{report.rejects:,} reject(s) -> {report.rejects_path}")
     if report.failed:
-        typer.echo("error: no image could be read", err=True)
+        typer.echo(f"error: {_nothing_read(report.records, split)}", err=True)
         raise typer.Exit(1)
     if strict and report.rejects:
         raise typer.Exit(1)
+
+
+def _nothing_read(records: int, split: str | None) -> str:
+    if records == 0:
+        return "the dataset has no records" + (f" in split {split!r}" if split else "")
+    return "no image could be read (see the rejects)"
 
 
 if __name__ == "__main__":

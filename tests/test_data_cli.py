@@ -137,6 +137,8 @@ def test_validate_user_errors_and_nothing_readable(tmp_path):
     write(tmp_path / "bad" / "x.jpg", "not an image")
     result = run("validate", str(tmp_path / "bad"), "--model", "none", "-j", "0")
     assert result.exit_code == 1 and "no image could be read" in result.output
+    result = run("convert", str(tmp_path / "bad"), "--to", "jsonl", "--out", str(tmp_path / "o"), "--split", "test")
+    assert result.exit_code == 1 and "no records in split 'test'" in result.output
 
 
 def test_convert_to_jsonl_reads_back_the_same_records(flickr, tmp_path):

@@ -3,11 +3,13 @@
 A worker never crashes on a bad file: an image that cannot be decoded or transformed comes back as a `Reject`, and
 the batch carries it beside the good images. Usage::
 
+    log = RejectLog(out_dir)                           # mmcross.data.records: OUT/rejects.jsonl
     loader = image_loader(records, encoders.image.preprocess, batch_size=64, workers=2)
     for batch in loader:
-        features = model(batch.pixels)                # (B, 3, H, W); None when every image was rejected
-        keep(batch.indices, batch.records)           # positions in `records` and the records (bytes dropped)
-        log.write(batch.rejects)                     # Reject(path, reason, image_id)
+        if batch.pixels is not None:                   # None when every image of the batch was rejected
+            features = model(batch.pixels)             # (B, 3, H, W)
+            keep(batch.indices, batch.records)         # positions in `records`, and the records (bytes dropped)
+        log.write(batch.rejects)                       # (position, Reject(path, reason, image_id))
 
 `records` is a sequence (read with random access, shuffling allowed) or a zero-argument function returning a fresh
 iterable (streamed, e.g. webdataset shards: worker k keeps items k, k + W, k + 2W, ...).

@@ -2,7 +2,8 @@
 
 A `Record` is one image with its captions: an id, the image as a file path (or encoded bytes, for webdataset
 shards), the captions, and the split. Problems found while reading (empty captions, invalid UTF-8, unparsable lines)
-are collected in a `ReadStats` rather than raised, so one bad line never stops a job.
+are collected in a `ReadStats` rather than raised, so one bad line never stops a job; a job writes its rejects with a
+`RejectLog` to `rejects.jsonl` in its output folder.
 """
 
 from __future__ import annotations
@@ -61,7 +62,15 @@ class ReadStats:
     notes: list[str] = field(default_factory=list)  # where splits and images were found, for the report
     orphans: list[str] = field(default_factory=list)  # image files that no caption line names
 
-    def reject(self, path: str | Path, reason: str, *, image_id: str | None = None, kind: str = "caption", line=None):
+    def reject(
+        self,
+        path: str | Path,
+        reason: str,
+        *,
+        image_id: str | None = None,
+        kind: str = "caption",
+        line: int | None = None,
+    ) -> None:
         self.rejects.append(Reject(str(path), reason, image_id=image_id, kind=kind, line=line))
 
 
@@ -97,7 +106,9 @@ def read_lines(path: str | Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
         yield number, decode_text(raw, stats)
 
 
-def clean_caption(text: object, stats: ReadStats, where: str | Path, *, image_id: str | None = None, line=None):
+def clean_caption(
+    text: object, stats: ReadStats, where: str | Path, *, image_id: str | None = None, line: int | None = None
+) -> str | None:
     """A caption stripped of surrounding whitespace, or None (and a reject) when nothing is left."""
     caption = "" if text is None else str(text).strip()
     if not caption:
