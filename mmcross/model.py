@@ -314,10 +314,16 @@ class Matcher(nn.Module):
 
     def _pair_scores(self, image: ImageCache, text: TextCache, return_attention: bool) -> Scores:
         """Scores of K pairs from prepared caches, one side of batch 1 (broadcast) or both of batch K."""
-        image, text = image.to(self.device, self.dtype), text.to(self.device, self.dtype)
-        itc = (image.pooled * text.pooled).sum(-1)  # (K,)
-        out = self.fusion.cross(image.states, text.states, text.mask, image_kv=image.kv, need_weights=return_attention)
-        mask = text.mask.expand(out.pooled.shape[0], -1) if return_attention else None
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device, self.dtype)
+
+        itc = (cast(image.pooled) * cast(text.pooled)).sum(-1)  # (K,)
+        text_mask = text.mask.to(self.device)  # (K or 1, L)
+        out = self.fusion.cross(
+            cast(image.states), cast(text.states), text_mask, image_kv=cast(image.kv), need_weights=return_attention
+        )
+        mask = text_mask.expand(out.pooled.shape[0], -1) if return_attention else None
         return self._scores(itc, out.pooled, out.attention, mask)
 
     def _chunked(self, k: int, batch_size: int, score_chunk) -> Scores:
