@@ -200,3 +200,33 @@ def load_checkpoint(
     matcher.load_state_dict(load_file(str(path), device=str(device)))
     matcher.cfg = cfg  # keep the provenance (encoder.pretrained) the checkpoint recorded
     return matcher
+
+
+BEST_CHECKPOINT = "best.safetensors"  # what a run directory's `--checkpoint RUN_DIR` means
+LAST_CHECKPOINT = "last.safetensors"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a training run directory (its best checkpoint, else its last)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"run directory {path} holds no {BEST_CHECKPOINT} or {LAST_CHECKPOINT}")
+    return path
+
+
+def load_matcher(
+    model: str = "vit-b-32",
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> Matcher:
+    """The matcher a command's model options name: `--checkpoint` (file or run dir) or `--model` + `--pretrained`."""
+    if checkpoint is not None:
+        if pretrained is not None:
+            raise ValueError("give either --checkpoint or --pretrained, not both")
+        return load_checkpoint(resolve_checkpoint(checkpoint), device=device)
+    return create_matcher(model, pretrained=pretrained, device=device, overrides=overrides)
