@@ -57,3 +57,25 @@ def test_holdout_combinations_only_in_test():
 def test_bad_holdout_is_a_clear_error():
     with pytest.raises(ValueError, match="COLOUR SHAPE"):
         parse_holdout("purple hexagon")
+
+
+def test_data_synth_cli_writes_a_manifest_every_reader_takes(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from mmcross.data.registry import open_dataset
+    from mmcross.data.synth import read_negatives
+
+    out = tmp_path / "synth"
+    result = CliRunner().invoke(app, ["data", "synth", str(out), "-n", "40", "--seed", "2", "--holdout", "red circle"])
+    assert result.exit_code == 0, result.output
+    records = list(open_dataset(out).records())
+    assert len(records) == 40 and all(r.path.is_file() for r in records)
+    negatives = read_negatives(out / "manifest.jsonl")
+    assert all(set(negatives[r.image_id]) == set(r.captions) for r in records)
+    again = tmp_path / "again"
+    CliRunner().invoke(app, ["data", "synth", str(again), "-n", "40", "--seed", "2", "--holdout", "red circle"])
+    assert (again / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()
+    assert all((again / "images" / p.name).read_bytes() == p.read_bytes() for p in (out / "images").iterdir())
+    refused = CliRunner().invoke(app, ["data", "synth", str(out)])
+    assert refused.exit_code == 2 and "already holds" in refused.output

@@ -14,8 +14,10 @@ test measures compositional generalisation. Generation is deterministic for a se
 from __future__ import annotations
 
 import io
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -24,6 +26,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SIZES = ("small", "big")
 GRID = 3  # objects sit in distinct cells of a GRID x GRID layout
 BACKGROUND = (245, 245, 245)
+MANIFEST = "manifest.jsonl"
 SPLIT_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}  # for images without a held-out combination
 
 
@@ -197,3 +200,59 @@ def generate(
             )
         )
     return items
+
+
+@dataclass
+class SynthSummary:
+    out: Path
+    images: dict[str, int]  # images per split
+    captions: int
+    holdout: list[str]
+
+
+def write_synth(
+    out: str | Path,
+    n_images: int = 2000,
+    seed: int = 0,
+    image_size: int = 64,
+    holdout: list[str] | None = None,
+    captions_per_image: int = 3,
+) -> SynthSummary:
+    """Generate the set into `out`: `images/*.png` and `manifest.jsonl`, one line per image with `image_id`,
+    `image` (relative path), `captions`, `negatives` (aligned with `captions`) and `split`.
+
+    The manifest is a JSONL table every mmcross command reads (`--format table`, or auto-detected).
+    """
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise ValueError(f"{out} already holds a {MANIFEST}; choose an empty folder")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    items = generate(n_images, seed=seed, image_size=image_size, holdout=holdout, captions_per_image=captions_per_image)
+    tmp = out / (MANIFEST + ".tmp")
+    with tmp.open("w", encoding="utf-8") as manifest:
+        for item in items:
+            relative = f"images/{item.image_id}.png"
+            (out / relative).write_bytes(item.png)
+            row = {
+                "image_id": item.image_id,
+                "image": relative,
+                "captions": item.captions,
+                "negatives": item.negatives,
+                "split": item.split,
+            }
+            manifest.write(json.dumps(row) + "\n")
+    tmp.replace(out / MANIFEST)
+    counts = {split: sum(item.split == split for item in items) for split in ("train", "dev", "test")}
+    return SynthSummary(out, counts, sum(len(item.captions) for item in items), list(holdout or []))
+
+
+def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
+    """image_id -> {caption: its hard negative}, from a synth manifest (or any JSONL table with `negatives`)."""
+    negatives: dict[str, dict[str, str]] = {}
+    with open(manifest, encoding="utf-8") as rows:
+        for line in rows:
+            if line.strip():
+                row = json.loads(line)
+                if row.get("negatives"):
+                    negatives[str(row["image_id"])] = dict(zip(row["captions"], row["negatives"]))
+    return negatives
