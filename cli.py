@@ -256,5 +256,180 @@ def data_synth(
         typer.echo(f"held out of train and dev: {', '.join(summary.holdout)}")
 
 
+# ---- index, search, score ----------------------------------------------------------------------------------------
+
+CHECKPOINT_HELP = "A mmcross checkpoint (.safetensors) or a training run directory (its best, else last checkpoint)."
+
+
+def _model_ref(model: str, pretrained: str | None, checkpoint: Path | None) -> dict:
+    return {"preset": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+@app.command()
+def index(
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Index folder (img_emb/, text_emb/, metadata/, manifest.json)."),
+    fmt: str = _FORMAT,
+    split: str | None = _SPLIT,
+    image_root: Path | None = _IMAGE_ROOT,
+    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    images: bool = typer.Option(True, "--images/--no-images", help="Embed the images."),
+    captions: bool = typer.Option(True, "--captions/--no-captions", help="Embed the captions."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass (captions: 4x)."),
+    workers: int = typer.Option(2, "--workers", "-j", min=0, help="DataLoader decoding processes (0: none)."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Records per shard (the unit of --resume)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted job in OUT (done shards are kept)."),
+    append: bool = typer.Option(False, "--append", help="Add the records OUT does not hold yet, in new shards."),
+    cache_tokens: bool = typer.Option(
+        True, "--cache-tokens/--no-cache-tokens", help="Store encoder tokens for --rerank (float16)."
+    ),
+    faiss: str = typer.Option("none", "--faiss", help="Also build a faiss index: none, flat, ivf or hnsw."),
+    rank: int | None = typer.Option(None, "--rank", min=0, help="This process's rank (default: $RANK, else 0)."),
+    world_size: int | None = typer.Option(
+        None, "--world-size", min=1, help="Processes sharing the job (default: $WORLD_SIZE, else 1)."
+    ),
+) -> None:
+    """Embed a dataset into an index folder in clip-retrieval's layout, with a token cache for re-ranking."""
+    from mmcross.config import DataCfg, parse_set_options
+    from mmcross.factory import load_matcher
+    from mmcross.index.build import BuildOptions, build_index, rank_from_env, setup_distributed
+
+    with user_errors():
+        if faiss not in ("none", "flat", "ivf", "hnsw"):
+            raise ValueError(f"--faiss takes none, flat, ivf or hnsw, not {faiss!r}")
+        if resume and append:
+            raise ValueError("give --resume or --append, not both")
+        r, w = rank_from_env(rank, world_size)
+        setup_distributed(r, w)
+        data_cfg = DataCfg(format=fmt, split=split, image_root=str(image_root) if image_root else None)
+        matcher = load_matcher(model, pretrained, checkpoint, parse_set_options(set_ or []))
+        opts = BuildOptions(
+            images=images,
+            captions=captions,
+            batch_size=batch_size,
+            workers=workers,
+            cache_tokens=cache_tokens,
+            shard_size=shard_size,
+            faiss=faiss,
+            resume=resume,
+            append=append,
+            rank=r,
+            world_size=w,
+            progress=sys.stderr.isatty(),
+        )
+        report = build_index(dataset, out, matcher, data_cfg, opts, _model_ref(model, pretrained, checkpoint))
+    who = f"rank {r}/{w}: " if w > 1 else ""
+    typer.echo(
+        f"{who}wrote {report.shards_written} shard(s) to {out} ({report.format}), "
+        f"{report.images_per_s:.1f} images/s over {report.seconds:.1f}s"
+    )
+    if report.complete:
+        typer.echo(f"index: {report.images:,} images, {report.captions:,} captions, {report.rejects:,} reject(s)")
+    for note in report.notes:
+        typer.echo(note)
+
+
+@app.command()
+def search(
+    index_dir: Path = typer.Argument(..., help="An index folder written by `mmcross index`."),
+    text: str | None = typer.Option(None, "--text", "-t", help="A caption to search with."),
+    image: Path | None = typer.Option(None, "--image", "-i", help="An image file to search with."),
+    queries: Path | None = typer.Option(
+        None, "--queries", "-q", help='Many queries: a text file (one caption a line) or JSONL {"text"|"image": ...}.'
+    ),
+    k: int = typer.Option(10, "--k", "-k", min=1, help="Hits per query."),
+    rerank: int = typer.Option(0, "--rerank", min=0, help="Re-rank the dual encoder's top K with the fusion head."),
+    target: str = typer.Option("images", "--target", help="What to search: images or captions."),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: the index's model."),
+    pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    backend: str = typer.Option("auto", "--backend", help="auto (faiss where the index has one), exact or faiss."),
+    nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF lists to visit (faiss ivf only)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    html: Path | None = typer.Option(None, "--html", help="Also write the hits as an HTML page here."),
+) -> None:
+    """Search an index by caption or image: dual-encoder top-k, optionally re-ranked by the fusion head.
+
+    Scores: itc is the dual-encoder cosine; with --rerank, itm is the match probability and score = itm +
+    itc_weight * itc (what hits are ranked by); without it, score = itc.
+    """
+    from mmcross.factory import load_matcher
+    from mmcross.index.store import read_manifest
+    from mmcross.retrieval import Query, hits_html, read_queries, search_index
+
+    if sum(x is not None for x in (text, image, queries)) != 1:
+        typer.echo("error: give exactly one of --text, --image or --queries", err=True)
+        raise typer.Exit(2)
+    with user_errors():
+        if backend not in ("auto", "exact", "faiss"):
+            raise ValueError(f"--backend takes auto, exact or faiss, not {backend!r}")
+        manifest = read_manifest(index_dir)
+        built = manifest["model"]
+        if model is None and pretrained is None and checkpoint is None:
+            model, pretrained, checkpoint = built.get("preset") or "vit-b-32", built.get("pretrained"), None
+            if built.get("checkpoint"):
+                checkpoint = Path(built["checkpoint"])
+        matcher = load_matcher(model or "vit-b-32", pretrained, checkpoint)
+        name = str(checkpoint) if checkpoint else f"{model or 'vit-b-32'}" + (f" ({pretrained})" if pretrained else "")
+        qs = read_queries(queries) if queries else [Query(text=text, image=str(image) if image else None)]
+        results = search_index(
+            index_dir, matcher, qs, target=target, k=k, rerank=rerank, backend=backend, nprobe=nprobe, model_name=name
+        )
+    if html is not None:
+        html.write_text(hits_html(results), encoding="utf-8")
+    if as_json:
+        payload = [{"query": q.label, "hits": [h.to_dict() for h in hits]} for q, hits in results]
+        typer.echo(json.dumps(payload if queries else payload[0], indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, Console().width))
+    for q, hits in results:
+        table = Table("rank", "score", "itc", "itm", "id", "caption" if target == "captions" else "path", title=q.label)
+        for h in hits:
+            itm = "-" if h.itm is None else f"{h.itm:.3f}"
+            shown = h.caption if target == "captions" else h.path
+            table.add_row(str(h.rank), f"{h.score:.3f}", f"{h.itc:.3f}", itm, h.image_id, shown or "")
+        console.print(table)
+
+
+@app.command()
+def score(
+    pairs: Path = typer.Argument(..., help="Image-caption pairs: CSV, TSV, JSONL or Parquet."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (.csv, .tsv, .jsonl or .parquet): input + scores."),
+    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Folder relative image paths resolve against."),
+    image_col: str = typer.Option("image", "--image-col", help="Column with the image path."),
+    caption_col: str = typer.Option("caption", "--caption-col", help="Column with the caption."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Rows per forward pass (and per read)."),
+) -> None:
+    """Score every image-caption pair of a table: adds itc, itm, score and reason columns, rows kept in order.
+
+    itc is the dual-encoder cosine, itm the fusion head's match probability, score = itm + itc_weight * itc. Rows
+    that cannot be scored (missing image, empty caption) keep empty scores and say why in `reason`.
+    """
+    from mmcross.factory import load_matcher
+    from mmcross.scoring import score_pairs
+
+    with user_errors():
+        matcher = load_matcher(model, pretrained, checkpoint)
+        report = score_pairs(
+            pairs,
+            out,
+            matcher,
+            image_root=image_root,
+            image_col=image_col,
+            caption_col=caption_col,
+            batch_size=batch_size,
+        )
+    typer.echo(f"scored {report.scored:,} of {report.rows:,} rows -> {out} ({report.bad:,} with a reason)")
+
+
 if __name__ == "__main__":
     app()

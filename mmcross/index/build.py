@@ -1,0 +1,414 @@
+"""Build an index: records (any reader) -> DataLoader workers (decode, transform) -> encoders -> shard writer.
+
+Records are cut into shards of `shard_size` records in reader order; shard n always holds the same records, so a
+job can be split across ranks (rank r builds shards r, r + W, ...), resumed after a kill (done shards are kept,
+the others are rebuilt), or extended with `append` (records whose image_id the index already holds are skipped,
+the rest go to new shards). The manifest is written when every shard is done, by rank 0 under torch.distributed,
+else by whichever process finishes the last shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from mmcross import __version__
+from mmcross.config import DataCfg, to_dict
+from mmcross.data.loader import image_loader
+from mmcross.data.records import Record
+from mmcross.data.registry import open_dataset
+from mmcross.index import store
+from mmcross.model import Matcher
+
+log = logging.getLogger(__name__)
+
+TOKEN_DTYPE = np.float16  # the re-ranking cache is stored in half precision (half the disk; scores move ~1e-3)
+
+
+@dataclass
+class BuildOptions:
+    """What `build_index` does besides where it reads and writes."""
+
+    images: bool = True  # embed images
+    captions: bool = True  # embed captions
+    batch_size: int = 64  # images per encoder call (captions: 4x this)
+    workers: int = 0  # DataLoader decoding processes
+    cache_tokens: bool = True  # store encoder tokens for re-ranking
+    shard_size: int = 1000  # records per shard
+    faiss: str = "none"  # none, flat, ivf or hnsw: also build a faiss index over the vectors
+    resume: bool = False  # finish an interrupted job in the same folder
+    append: bool = False  # add records the index does not hold yet
+    rank: int = 0  # this process's rank
+    world_size: int = 1  # processes sharing the job
+    progress: bool = True  # show a progress bar on stderr
+
+
+@dataclass
+class BuildReport:
+    out: str
+    format: str  # the dataset reader
+    shards_written: int  # by this process
+    images: int  # in the whole index (0 until the manifest is written)
+    captions: int
+    rejects: int
+    seconds: float
+    images_per_s: float  # images embedded by this process per second
+    complete: bool  # manifest written
+    notes: list[str] = field(default_factory=list)
+
+
+def rank_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    r = rank if rank is not None else int(os.environ.get("RANK", 0))
+    w = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if w < 1 or not 0 <= r < w:
+        raise ValueError(f"rank {r} is not in 0..{w - 1}")
+    return r, w
+
+
+def _existing_ids(root: Path, shards: Sequence[int]) -> set[str]:
+    ids: set[str] = set()
+    for n in shards:
+        ids.update(pq.read_table(store.shard_path(root, "metadata", n, "parquet"), columns=["image_id"])["image_id"])
+    ids.update(
+        r["image_id"]
+        for n, m in store.done_shards(root).items()
+        if n in shards
+        for r in m["rejects"]
+        if r.get("image_id")
+    )
+    return {str(i) for i in ids}
+
+
+def _plan(root: Path, opts: BuildOptions, job: dict) -> tuple[dict, int]:
+    """Validate `root` for the mode asked; returns the build record and the first shard number of this job."""
+    build_path, manifest_path = root / store.BUILD, root / store.MANIFEST
+    if opts.resume:
+        if not build_path.is_file():
+            raise FileNotFoundError(f"nothing to resume in {root} (no {store.BUILD}); run without --resume")
+        old = json.loads(build_path.read_text())
+        for key in ("fingerprint", "embed_images", "embed_captions", "cache_tokens", "shard_size", "dataset"):
+            if old[key] != job[key]:
+                raise ValueError(f"--resume with another {key}: the job in {root} has {old[key]!r}, not {job[key]!r}")
+        return old, old["first_shard"]
+    if opts.append:
+        manifest = store.read_manifest(root)
+        for key in ("fingerprint", "embed_images", "embed_captions", "cache_tokens"):
+            if manifest[key] != job[key]:
+                raise ValueError(f"--append with another {key}: the index has {manifest[key]!r}, not {job[key]!r}")
+        first = max(manifest["shards"], default=-1) + 1
+        return {**job, "first_shard": first, "base_shards": manifest["shards"]}, first
+    if opts.rank == 0 and (manifest_path.exists() or build_path.exists()):
+        raise ValueError(f"{root} already holds an index; use --resume to finish it, --append to add, or another --out")
+    if opts.rank == 0 and root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} is not empty; give an empty or new folder")
+    return {**job, "first_shard": 0, "base_shards": []}, 0
+
+
+def build_index(
+    dataset: str | Path,
+    out: str | Path,
+    matcher: Matcher,
+    data_cfg: DataCfg | None = None,
+    opts: BuildOptions | None = None,
+    model_ref: dict | None = None,
+) -> BuildReport:
+    """Embed a dataset's images and/or captions into an index folder (see `mmcross.index.store` for the layout).
+
+    Args:
+        dataset: anything `open_dataset` reads.
+        out: the index folder.
+        matcher: the model; its weights' fingerprint goes into the manifest.
+        data_cfg: reader options (format, split, ...).
+        opts: what to embed and how (resume, append, ranks, faiss).
+        model_ref: how the model was named (preset, pretrained, checkpoint), recorded in the manifest.
+
+    Raises:
+        ValueError: nothing to embed, an existing index without --resume/--append, or a resume with other options.
+    """
+    opts = opts or BuildOptions()
+    if not (opts.images or opts.captions):
+        raise ValueError("nothing to embed: --no-images and --no-captions together")
+    start = time.perf_counter()
+    root = Path(out)
+    data_cfg = data_cfg or DataCfg()
+    ds = open_dataset(dataset, data_cfg)
+    fingerprint = store.model_fingerprint(matcher)
+    job = {
+        "dataset": str(dataset),
+        "data": to_dict(data_cfg),
+        "fingerprint": fingerprint,
+        "model": {**(model_ref or {}), "config": to_dict(matcher.cfg)},
+        "embed_images": opts.images,
+        "embed_captions": opts.captions,
+        "cache_tokens": opts.cache_tokens,
+        "shard_size": opts.shard_size,
+        "faiss": opts.faiss,
+    }
+    job, first_shard = _plan(root, opts, job)
+    root.mkdir(parents=True, exist_ok=True)
+
+    records = list(ds.records())
+    if job["base_shards"]:
+        held = _existing_ids(root, job["base_shards"])
+        records = [r for r in records if r.image_id not in held]
+    n_shards = -(-len(records) // opts.shard_size)
+    if opts.resume and job.get("n_shards") != n_shards:
+        raise ValueError(f"--resume: the dataset now gives {n_shards} shards, the job in {root} had {job['n_shards']}")
+    job["n_shards"] = n_shards
+    if opts.rank == 0 and not opts.resume:
+        store.atomic_write_json(root / store.BUILD, job)
+    all_shards = list(range(first_shard, first_shard + n_shards))
+    done = set(store.done_shards(root))
+    mine = [n for n in all_shards if n % opts.world_size == opts.rank and n not in done]
+    images_done = _embed_shards(root, matcher, records, first_shard, mine, ds.format, data_cfg, opts)
+    seconds = time.perf_counter() - start
+
+    complete = _finish(root, job, ds.stats.rejects, opts)
+    report = BuildReport(str(root), ds.format, len(mine), 0, 0, 0, seconds, images_done / max(seconds, 1e-9), complete)
+    if complete:
+        manifest = store.read_manifest(root)
+        report.images, report.captions, report.rejects = manifest["images"], manifest["captions"], manifest["rejects"]
+    else:
+        report.notes.append("other ranks still have shards to build; the last one writes the manifest")
+    return report
+
+
+def _records_table(records: list[Record], with_path: bool = True) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": pa.array([r.image_id for r in records], pa.string()),
+            "path": pa.array([str(r.path) if r.path is not None else r.where for r in records], pa.string()),
+            "split": pa.array([r.split for r in records], pa.string()),
+            "caption": pa.array([r.captions[0] if r.captions else None for r in records], pa.string()),
+        }
+    )
+
+
+@torch.inference_mode()
+def _embed_texts(matcher: Matcher, records: list[Record], opts: BuildOptions):
+    rows = [(r.image_id, c, i) for r in records for i, c in enumerate(r.captions)]
+    meta = pa.table(
+        {
+            "image_id": pa.array([x[0] for x in rows], pa.string()),
+            "caption": pa.array([x[1] for x in rows], pa.string()),
+            "caption_index": pa.array([x[2] for x in rows], pa.int32()),
+        }
+    )
+    captions = [x[1] for x in rows]
+    if not captions:
+        return meta, np.zeros((0, matcher.image_encoder.embed_dim), np.float32), None, None
+    if not opts.cache_tokens:
+        emb = F.normalize(matcher.text_encoder.encode(captions, batch_size=opts.batch_size * 4).float(), dim=-1)
+        return meta, emb.cpu().numpy().astype(np.float32), None, None
+    cache = matcher.cache_texts(captions, batch_size=opts.batch_size * 4, prepare=False)
+    return (
+        meta,
+        cache.pooled.float().cpu().numpy(),
+        cache.tokens.cpu().numpy().astype(TOKEN_DTYPE),
+        cache.mask.cpu().numpy().astype(bool),
+    )
+
+
+def _embed_shards(
+    root: Path,
+    matcher: Matcher,
+    records: list[Record],
+    first_shard: int,
+    shards: list[int],
+    fmt: str,
+    data_cfg: DataCfg,
+    opts: BuildOptions,
+) -> int:
+    """Embed and write `shards`; returns the number of images embedded."""
+    if not shards:
+        return 0
+    S = opts.shard_size
+    spans = {n: (n - first_shard) * S for n in shards}
+    todo = [(n, i) for n in shards for i in range(spans[n], min(spans[n] + S, len(records)))]
+    images_done = 0
+    bar = _Progress(len(todo), "images" if opts.images else "records", opts.progress)
+    if not opts.images:
+        for n in shards:
+            chunk = records[spans[n] : spans[n] + S]
+            shard = store.Shard(n, _records_table(chunk), None)
+            shard.text_metadata, shard.text_emb, shard.text_tokens, shard.text_mask = _embed_texts(matcher, chunk, opts)
+            store.write_shard(root, shard)
+            bar.advance(len(chunk))
+        bar.close()
+        return 0
+
+    flat = [records[i] for _, i in todo]
+    owner = [n for n, _ in todo]
+    loader = image_loader(
+        flat,
+        matcher.image_encoder.preprocess,
+        batch_size=opts.batch_size,
+        workers=opts.workers,
+        cfg=data_cfg,
+        draft_size=matcher.image_encoder.image_size[::-1],
+    )
+    pending: dict[int, dict] = {n: {"left": min(S, len(records) - spans[n]), "rows": [], "rejects": []} for n in shards}
+    with torch.inference_mode():
+        for batch in loader:
+            if batch.pixels is not None:
+                feats = matcher.encode_image(batch.pixels)
+                pooled = F.normalize(feats.pooled.float(), dim=-1).cpu().numpy()
+                tokens = feats.tokens.cpu().numpy().astype(TOKEN_DTYPE) if opts.cache_tokens else None
+                for j, (pos, record) in enumerate(zip(batch.indices, batch.records)):
+                    p = pending[owner[pos]]
+                    p["rows"].append((pos, record, pooled[j], None if tokens is None else tokens[j]))
+                    p["left"] -= 1
+                images_done += len(batch.indices)
+            for pos, reject in batch.rejects:
+                p = pending[owner[pos]]
+                p["rejects"].append((pos, {**asdict(reject), "shard": owner[pos]}))
+                p["left"] -= 1
+            bar.advance(len(batch.indices) + len(batch.rejects))
+            for n in [n for n, p in pending.items() if p["left"] == 0]:
+                _write_image_shard(root, matcher, n, records[spans[n] : spans[n] + S], pending.pop(n), opts)
+    bar.close()
+    return images_done
+
+
+def _write_image_shard(root: Path, matcher: Matcher, n: int, chunk: list[Record], p: dict, opts: BuildOptions) -> None:
+    rows = sorted(p["rows"], key=lambda x: x[0])
+    e = matcher.image_encoder.embed_dim
+    shard = store.Shard(n, _records_table([r[1] for r in rows]), None)
+    shard.img_emb = np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, e), np.float32)
+    if opts.cache_tokens and rows:
+        shard.img_tokens = np.stack([r[3] for r in rows])
+    shard.rejects = [{k: v for k, v in r.items() if v is not None} for _, r in sorted(p["rejects"], key=lambda x: x[0])]
+    if opts.captions:
+        shard.text_metadata, shard.text_emb, shard.text_tokens, shard.text_mask = _embed_texts(matcher, chunk, opts)
+    store.write_shard(root, shard)
+
+
+def _barrier() -> bool:
+    """Wait for every rank under torch.distributed; False when it is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return True
+    return False
+
+
+def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> bool:
+    """Write the manifest (and faiss indexes, rejects.jsonl) once every shard of the job is done."""
+    synced = _barrier()
+    if synced and opts.rank != 0:
+        return (root / store.MANIFEST).is_file()
+    markers = store.done_shards(root)
+    n_records_shards = _expected_shards(root, job, opts)
+    if not all(n in markers for n in n_records_shards):
+        return False
+    shards = sorted(set(job["base_shards"]) | set(n_records_shards))
+    counts = {str(n): {"images": markers[n]["images"], "captions": markers[n]["captions"]} for n in shards}
+    rejects = [r.to_json() for r in reader_rejects] if not job["base_shards"] else []
+    old_rejects = root / "rejects.jsonl"
+    lines = old_rejects.read_text().splitlines() if job["base_shards"] and old_rejects.is_file() else []
+    lines += rejects + [json.dumps(r, ensure_ascii=False) for n in n_records_shards for r in markers[n]["rejects"]]
+    store.atomic_write_bytes(old_rejects, ("\n".join(lines) + "\n" if lines else "").encode())
+    dims = {}
+    for kind in ("img_emb", "text_emb"):
+        for n in shards:
+            path = store.shard_path(root, kind, n, "npy")
+            if path.is_file():
+                dims[kind] = int(np.load(path, mmap_mode="r").shape[1])
+                break
+    manifest = {
+        "format": store.FORMAT,
+        "format_version": store.FORMAT_VERSION,
+        "mmcross_version": __version__,
+        "model": job["model"],
+        "fingerprint": job["fingerprint"],
+        "dataset": job["dataset"],
+        "images": sum(c["images"] for c in counts.values()),
+        "captions": sum(c["captions"] for c in counts.values()),
+        "rejects": len(lines),
+        "dim": dims.get("img_emb", dims.get("text_emb")),
+        "dtype": "float32",
+        "token_dtype": np.dtype(TOKEN_DTYPE).name if job["cache_tokens"] else None,
+        "cache_tokens": job["cache_tokens"],
+        "shard_size": job["shard_size"],
+        "embed_images": job["embed_images"],
+        "embed_captions": job["embed_captions"],
+        "shards": shards,
+        "shard_counts": counts,
+        "faiss": {},
+    }
+    if job.get("faiss", "none") != "none":
+        from mmcross.index.search import build_faiss_files
+
+        manifest["faiss"] = build_faiss_files(root, shards, job["faiss"])
+    store.atomic_write_json(root / store.MANIFEST, manifest)
+    return True
+
+
+def _expected_shards(root: Path, job: dict, opts: BuildOptions) -> list[int]:
+    """Shard numbers this job covers (its records, cut by shard size), from the count in build.json."""
+    return list(range(job["first_shard"], job["first_shard"] + job.get("n_shards", 0)))
+
+
+def _rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:7.1f}/s")
+
+    return RateColumn()
+
+
+class _Progress:
+    """A rich progress bar with rate and ETA on stderr (nothing when disabled or not a terminal)."""
+
+    def __init__(self, total: int, unit: str, enabled: bool):
+        self.bar = None
+        if enabled and total:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn(f"embedding {unit}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _rate_column(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self.task = self.bar.add_task("embed", total=total)
+            self.bar.start()
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def setup_distributed(rank: int, world_size: int) -> bool:
+    """Join torchrun's process group (gloo) when there is one; True when joined (barriers then sync ranks)."""
+    import torch.distributed as dist
+
+    if world_size < 2 or "MASTER_ADDR" not in os.environ or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    return True

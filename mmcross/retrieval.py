@@ -1,0 +1,271 @@
+"""Two-stage retrieval over an index: dual-encoder top-k candidates, then (optionally) fusion re-ranking.
+
+Scores of a hit (see `mmcross.model`): `itc` is the cosine of the dual-encoder embeddings; with re-ranking, `itm` is
+the match head's probability and `score = itm + itc_weight * itc`, what the hits are ordered by; without
+re-ranking `itm` is None and `score = itc`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmcross.data.images import load_rgb
+from mmcross.index import search as backends
+from mmcross.index.store import IndexStore
+from mmcross.model import ImageCache, Matcher, TextCache
+
+TARGETS = ("images", "captions")
+
+
+@dataclass
+class Hit:
+    """One result: a row of the index's images (or captions) and its scores."""
+
+    rank: int  # 1-based
+    corpus_id: int  # row in img_emb (target images) or text_emb (target captions)
+    score: float  # ranking score: itm + itc_weight * itc with re-ranking, else itc
+    itc: float  # dual-encoder cosine
+    itm: float | None  # match probability from the fusion head; None without re-ranking
+    image_id: str
+    caption: str | None  # the caption (target captions) or the image's first caption
+    path: str | None  # the image file
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Query:
+    """A caption or an image file to search with."""
+
+    text: str | None = None
+    image: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.text if self.text is not None else str(self.image)
+
+
+def check_fingerprint(index: IndexStore, fingerprint: str, model_name: str) -> None:
+    """Refuse a query model whose weights differ from the index's, naming both."""
+    manifest = index.manifest
+    if manifest["fingerprint"] != fingerprint:
+        built = manifest["model"]
+        name = built.get("checkpoint") or built.get("preset") or built.get("config", {}).get("name")
+        raise ValueError(
+            f"index {index.root} was built with model {name} (fingerprint {manifest['fingerprint']}), but the query "
+            f"model is {model_name} (fingerprint {fingerprint}); embed queries with the index's model or rebuild it"
+        )
+
+
+class Retriever:
+    """Searches one index with one matcher (checked against the index's fingerprint).
+
+    Args:
+        index: an opened index.
+        matcher: the model that built it.
+        backend: "auto" (the index's faiss index where it has one, else exact), "exact" or "faiss".
+        nprobe: IVF lists to visit (faiss IVF only).
+    """
+
+    def __init__(self, index: IndexStore, matcher: Matcher, backend: str = "auto", nprobe: int | None = None):
+        self.index, self.matcher, self.backend, self.nprobe = index, matcher, backend, nprobe
+        self._faiss: dict[str, object] = {}
+
+    def _vectors(self, target: str) -> np.ndarray:
+        vectors = self.index.img_emb if target == "images" else self.index.text_emb
+        if vectors is None or len(vectors) == 0:
+            raise ValueError(f"index {self.index.root} holds no {target} (built with --no-{target})")
+        return vectors
+
+    def candidates(self, queries: np.ndarray, target: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dual-encoder top-k: (itc (Q, k), rows (Q, k))."""
+        vectors = self._vectors(target)
+        faiss_file = self.index.manifest.get("faiss", {}).get(target)
+        if self.backend == "faiss" and not faiss_file:
+            raise ValueError(f"index {self.index.root} has no faiss index for {target} (build with --faiss)")
+        if self.backend in ("auto", "faiss") and faiss_file:
+            if target not in self._faiss:
+                self._faiss[target] = backends.load_faiss(self.index.root / faiss_file)
+            return backends.faiss_search(self._faiss[target], queries, k, self.nprobe)
+        return backends.exact_search(vectors, queries, k)
+
+    @torch.inference_mode()
+    def embed_query(self, query: Query) -> tuple[np.ndarray, object]:
+        """(1, E) unit vector of a query, and what re-ranking needs of it (a TextCache or an ImageCache)."""
+        m = self.matcher
+        if query.text is not None:
+            if not query.text.strip():
+                raise ValueError("empty query caption")
+            feats = m.encode_text(query.text)
+            pooled = torch.nn.functional.normalize(feats.pooled.float(), dim=-1)
+            return pooled.cpu().numpy(), TextCache(pooled, feats.tokens, feats.mask)
+        if query.image is None:
+            raise ValueError("a query needs a caption or an image")
+        path = Path(query.image)
+        if not path.is_file():
+            raise FileNotFoundError(f"no query image {path}")
+        pixels = m.image_encoder.preprocess(load_rgb(path))[None]
+        feats = m.encode_image(pixels)
+        pooled = torch.nn.functional.normalize(feats.pooled.float(), dim=-1)
+        return pooled.cpu().numpy(), ImageCache(pooled, feats.tokens)
+
+    def search(self, query: Query, target: str = "images", k: int = 10, rerank: int = 0) -> list[Hit]:
+        """Top-k hits of one query; with `rerank` > 0 the fusion head re-scores the top max(rerank, k) first.
+
+        Args:
+            query: a caption or an image file.
+            target: "images" or "captions" (any query kind may search either).
+            k: hits returned.
+            rerank: candidates re-ranked by the fusion head (0: dual encoder only).
+        """
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+        vector, qcache = self.embed_query(query)
+        n_cand = max(k, rerank) if rerank else k
+        itc, rows = self.candidates(vector, target, n_cand)
+        itc, rows = itc[0], rows[0]
+        keep = rows >= 0  # faiss pads with -1 when it finds fewer
+        itc, rows = itc[keep], rows[keep]
+        itm = None
+        score = itc.astype(np.float64)
+        if rerank:
+            scores = self._rerank(query, qcache, target, rows)
+            itm = scores.itm.float().cpu().numpy()
+            itc = scores.itc.float().cpu().numpy()
+            score = scores.score.float().cpu().numpy()
+            order = np.argsort(-score, kind="stable")[:k]
+            rows, itc, itm, score = rows[order], itc[order], itm[order], score[order]
+        return self._hits(target, rows[:k], score[:k], itc[:k], None if itm is None else itm[:k])
+
+    def _rerank(self, query: Query, qcache, target: str, rows: np.ndarray):
+        m = self.matcher
+        if target == "images":
+            cands = ImageCache(torch.from_numpy(np.asarray(self.index.img_emb[rows])), self.index.image_tokens(rows))
+            if query.text is not None:
+                return m.rerank_images(qcache, cands)
+            raise ValueError("re-ranking scores image-caption pairs: an image query re-ranks --target captions")
+        tokens, mask = self.index.text_tokens(rows)
+        cands = TextCache(torch.from_numpy(np.asarray(self.index.text_emb[rows])), tokens, mask)
+        if query.image is not None:
+            return m.rerank_captions(qcache, cands)
+        raise ValueError("re-ranking scores image-caption pairs: a caption query re-ranks --target images")
+
+    def _hits(self, target, rows, score, itc, itm) -> list[Hit]:
+        hits = []
+        if target == "images":
+            meta = self.index.metadata.take(pa_indices(rows)).to_pylist()
+            for i, (row, m) in enumerate(zip(rows, meta)):
+                hits.append(
+                    Hit(
+                        i + 1,
+                        int(row),
+                        float(score[i]),
+                        float(itc[i]),
+                        _opt(itm, i),
+                        m["image_id"],
+                        m["caption"],
+                        m["path"],
+                    )
+                )
+            return hits
+        meta = self.index.text_metadata.take(pa_indices(rows)).to_pylist()
+        paths = self._image_paths()
+        for i, (row, m) in enumerate(zip(rows, meta)):
+            hits.append(
+                Hit(
+                    i + 1,
+                    int(row),
+                    float(score[i]),
+                    float(itc[i]),
+                    _opt(itm, i),
+                    m["image_id"],
+                    m["caption"],
+                    paths.get(m["image_id"]),
+                )
+            )
+        return hits
+
+    def _image_paths(self) -> dict[str, str]:
+        if not hasattr(self, "_paths"):
+            meta = self.index.metadata
+            self._paths = dict(zip(meta["image_id"].to_pylist(), meta["path"].to_pylist()))
+        return self._paths
+
+
+def pa_indices(rows: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(np.asarray(rows, dtype=np.int64))
+
+
+def _opt(values, i: int) -> float | None:
+    return None if values is None else float(values[i])
+
+
+def read_queries(path: str | Path) -> list[Query]:
+    """Queries from a file: JSONL objects with "text" or "image" (a path), else one caption per line."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no queries file {path}")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        out = []
+        for number, line in enumerate(lines, 1):
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or not ("text" in obj or "image" in obj):
+                raise ValueError(f"{path}:{number}: expected an object with 'text' or 'image'")
+            image = obj.get("image")
+            if image is not None and not Path(image).is_absolute():
+                image = str(path.parent / image)
+            out.append(Query(text=obj.get("text"), image=image))
+        return out
+    return [Query(text=line.strip()) for line in lines]
+
+
+def search_index(
+    index_dir: str | Path,
+    matcher: Matcher,
+    queries: list[Query],
+    *,
+    target: str = "images",
+    k: int = 10,
+    rerank: int = 0,
+    backend: str = "auto",
+    nprobe: int | None = None,
+    model_name: str = "the query model",
+) -> list[tuple[Query, list[Hit]]]:
+    """Open an index, check the model's fingerprint against it, and run every query (one process, one load)."""
+    from mmcross.index.store import model_fingerprint
+
+    index = IndexStore(index_dir)
+    check_fingerprint(index, model_fingerprint(matcher), model_name)
+    retriever = Retriever(index, matcher, backend=backend, nprobe=nprobe)
+    return [(q, retriever.search(q, target=target, k=k, rerank=rerank)) for q in queries]
+
+
+def hits_html(results: list[tuple[Query, list[Hit]]]) -> str:
+    """A small self-contained HTML page of the results (images referenced by file path)."""
+    from html import escape
+
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>mmcross search</title>",
+        "<style>td{vertical-align:top}</style>",
+    ]
+    for query, hits in results:
+        parts.append(f"<h2>{escape(query.label)}</h2><table><tr>")
+        for h in hits:
+            img = f"<img src='file://{escape(h.path or '')}' width=160><br>" if h.path else ""
+            itm = "" if h.itm is None else f" itm {h.itm:.3f}"
+            parts.append(
+                f"<td>{img}#{h.rank} score {h.score:.3f} itc {h.itc:.3f}{itm}<br>{escape(h.image_id)}<br>"
+                f"{escape(h.caption or '')}</td>"
+            )
+        parts.append("</tr></table>")
+    return "\n".join(parts)
