@@ -431,5 +431,60 @@ def score(
     typer.echo(f"scored {report.scored:,} of {report.rows:,} rows -> {out} ({report.bad:,} with a reason)")
 
 
+@app.command()
+def train(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Run config YAML (configs/*.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, optimiser state, log.jsonl."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a run-config field, e.g. --set train.max_steps=100 or --set fusion.dim=64."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+) -> None:
+    """Fine-tune a matcher with ITC + ITM hard negatives (+ VSE++); `torchrun` runs it with DDP."""
+    from mmcross.config import parse_set_options
+    from mmcross.train import train_from_config
+
+    with user_errors():
+        result = train_from_config(config, out, parse_set_options(set_ or []), resume=resume, progress=progress)
+    summary = {"run_dir": str(result.run_dir), "step": result.step, "seconds": round(result.seconds, 1)}
+    if result.eval is not None:
+        summary["best_rsum"] = result.best
+        summary["metrics"] = result.eval["metrics"]
+        summary["rerank_metrics"] = result.eval["rerank_metrics"]
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("eval")
+def eval_(
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
+    fmt: str = _FORMAT,
+    split: str | None = typer.Option("test", "--split", "-s", help="Split to evaluate: train, dev (val) or test."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="A .safetensors checkpoint, or a run directory (its best, else last)."
+    ),
+    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    rerank: int = typer.Option(16, "--rerank", "-k", min=0, help="Re-rank each query's top K by the fusion (0: off)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the results JSON here too."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Image decoding processes (0: none)."),
+    max_images: int | None = typer.Option(None, "--max-images", min=1, help="Evaluate on the first N images only."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Recall@1/5/10 both ways, median rank and rsum: dual encoder, and after fusion re-rank of its top K."""
+    from mmcross.config import DataCfg, parse_set_options
+    from mmcross.evaluate import run_eval
+
+    with user_errors():
+        report = run_eval(
+            dataset, DataCfg(format=fmt, split=split), model=model, pretrained=pretrained, checkpoint=checkpoint,
+            overrides=parse_set_options(set_ or []), k=rerank, batch_size=batch_size, workers=workers,
+            max_images=max_images, device=device, out=out,
+        )
+    typer.echo(json.dumps(report, indent=2))
+
+
 if __name__ == "__main__":
     app()

@@ -66,6 +66,92 @@ class DataCfg:
     background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited on this RGB colour
 
 
+@dataclass
+class TrainCfg:
+    """How a matcher is fine-tuned: data, what trains, losses, optimiser, schedule, checkpoints, dev evaluation."""
+
+    data: str = ""  # training dataset (any format `open_dataset` reads); relative paths resolve against the cwd
+    format: str = "auto"  # reader of `data` and `eval_data`
+    split: str = "train"  # split of `data` to train on
+    eval_data: str | None = None  # dev dataset for periodic evaluation; None = `data`
+    eval_split: str | None = "dev"  # split of `eval_data`; None = no periodic evaluation
+    eval_max_images: int = 1000  # evaluate on the first N dev images (all of their captions)
+    eval_every: int = 0  # evaluate every N optimiser steps (0 = only at the end); best.safetensors keeps the best
+    eval_rerank_k: int = 16  # re-rank this many dual-encoder candidates by the fusion score during dev evaluation
+    trainable: str = "all"  # "fusion": encoders frozen; "last_n": fusion + last `last_n_blocks` blocks of each tower
+    last_n_blocks: int = 2  # encoder blocks per tower that train when trainable = "last_n"
+    feature_cache: bool = False  # with trainable = "fusion": encode every image and caption once, train on the cache
+    augment: bool = True  # open_clip's training augmentation (RandomResizedCrop) instead of the eval transform
+    batch_size: int = 64  # images per micro-batch per process (one random caption each)
+    accum_steps: int = 1  # micro-batches per optimiser step (effective batch = batch_size * accum_steps * world)
+    max_steps: int = 1000  # optimiser steps; the cosine schedule ends here
+    max_minutes: float = 0.0  # stop (and checkpoint, evaluate) after this much wall time; 0 = no limit
+    lr: float = 5e-4  # peak learning rate of the fusion block, head and temperature
+    encoder_lr: float | None = None  # peak learning rate of trainable encoder weights; None = `lr`
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases, norms, embeddings or temperature)
+    warmup_steps: int = 100  # linear warm-up from 0, then cosine decay to `min_lr_ratio * lr`
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    itc_weight: float = 1.0  # weight of the InfoNCE image-text contrastive loss
+    itm_weight: float = 1.0  # weight of the ITM loss (BCE on positives + ITC-sampled hard negatives)
+    vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off
+    vse_margin: float = 0.2  # margin of the VSE++ loss
+    init_temperature: float = 0.07  # initial ITC temperature (learned, as log(1/T), clamped to T >= 0.01)
+    seed: int = 0  # data order, augmentation, hard-negative sampling, dropout
+    workers: int = 0  # DataLoader worker processes decoding images
+    ckpt_every: int = 0  # write last.safetensors + optimiser state every N steps (0 = only at the end)
+    log_every: int = 10  # write a JSONL log line every N steps
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1
+
+
+@dataclass
+class RunCfg:
+    """A run config (`configs/*.yaml`): which model, which weights, architecture overrides and training settings."""
+
+    model: str = "tiny"  # architecture preset or JSON config file
+    pretrained: str | None = None  # open_clip weights for the encoders; None = seeded random init
+    matcher: dict[str, Any] = field(default_factory=dict)  # MatcherCfg overrides, e.g. {"fusion.dim": 64}
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+
+def load_run_cfg(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> RunCfg:
+    """Defaults < the YAML run config at `path` < `overrides` (`--set key=value`).
+
+    Override keys naming a `RunCfg` field (`train.lr`, `model`, `pretrained`) set it; any other key (`fusion.dim`,
+    `encoder.model_name`) is a `MatcherCfg` override and joins `matcher`.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such run config: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"run config {path} must be a mapping")
+    matcher = data.pop("matcher", None) or {}
+    cfg = from_dict(RunCfg, data)
+    cfg.matcher = _flatten(matcher)
+    run_keys, matcher_keys = {}, {}
+    for key, value in (overrides or {}).items():
+        (run_keys if key.split(".")[0] in ("model", "pretrained", "train") else matcher_keys)[key] = value
+    cfg = apply_overrides(cfg, run_keys)
+    cfg.matcher = {**cfg.matcher, **matcher_keys}
+    return cfg
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"fusion": {"dim": 64}} -> {"fusion.dim": 64}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def list_presets() -> list[str]:
     """Names of the architecture presets shipped with mmcross."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))

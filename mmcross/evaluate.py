@@ -1,0 +1,201 @@
+"""The standard image-text retrieval protocol, for the dual encoder alone and after fusion re-ranking.
+
+Every image of a split is scored against every caption of the split (any number of captions per image). The dual
+encoder ranks by ITC cosine. Re-ranking then rescores each query's top K candidates with the matcher's ranking score
+(`score` = itm + itc_weight * itc) and keeps them, in that order, ahead of every other candidate, which keep their
+ITC order; text -> image re-ranks each caption's K best images, image -> text each image's K best captions.
+Metrics come from `mmcross.metrics.retrieval_metrics` (CLIP_benchmark names, recalls in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmcross.config import DataCfg
+from mmcross.data.loader import image_loader
+from mmcross.data.records import Record
+from mmcross.metrics import DEFAULT_KS, retrieval_metrics
+from mmcross.model import ImageCache, Matcher, TextCache
+
+log = logging.getLogger(__name__)
+
+BELOW = 1e3  # candidates outside the top K are pushed this far below every re-ranked score
+
+
+@dataclass
+class EncodedSplit:
+    """The encoder outputs of a split: images, their captions flattened, and which image each caption describes."""
+
+    images: ImageCache  # N images (encoder outputs only)
+    texts: TextCache  # M captions
+    caption_image: torch.Tensor  # (M,) index into `images` of each caption's image
+    image_ids: list[str]  # N
+    rejects: int  # images that could not be decoded (left out with their captions)
+
+
+@torch.no_grad()
+def encode_split(matcher: Matcher, records: Sequence[Record], batch_size: int = 64, workers: int = 0) -> EncodedSplit:
+    """Encode every image (eval transform) and every caption of `records` once."""
+    records = [r for r in records if r.captions]
+    parts: list[ImageCache] = []
+    captions: list[str] = []
+    caption_image: list[int] = []
+    image_ids: list[str] = []
+    rejects = 0
+    for batch in image_loader(records, matcher.image_encoder.preprocess, batch_size=batch_size, workers=workers):
+        rejects += len(batch.rejects)
+        if batch.pixels is None:
+            continue
+        parts.append(matcher.cache_images(batch.pixels, batch_size=batch_size, prepare=False))
+        for record in batch.records:
+            captions += record.captions
+            caption_image += [len(image_ids)] * len(record.captions)
+            image_ids.append(record.image_id)
+    if not parts:
+        raise ValueError("no image of the split could be read")
+    images = ImageCache(torch.cat([p.pooled for p in parts]), torch.cat([p.tokens for p in parts]))
+    texts = matcher.cache_texts(captions, batch_size=4 * batch_size, prepare=False)
+    return EncodedSplit(images, texts, torch.tensor(caption_image), image_ids, rejects)
+
+
+@torch.no_grad()
+def rerank_similarity(
+    matcher: Matcher,
+    images: ImageCache,
+    texts: TextCache,
+    similarity: torch.Tensor,
+    k: int,
+    *,
+    by: str = "column",
+    batch_pairs: int = 1024,
+) -> torch.Tensor:
+    """`similarity` (N_img, N_cap) with each query's top-k candidates rescored by the fusion and moved ahead.
+
+    Args:
+        matcher: supplies the ranking score.
+        images: prepared image caches (fusion `states` filled) of the N_img images.
+        texts: prepared caption caches of the N_cap captions.
+        similarity: dual-encoder scores.
+        k: candidates per query.
+        by: "column" re-ranks each caption's images (text -> image), "row" each image's captions (image -> text).
+        batch_pairs: pairs per fusion call.
+
+    Returns:
+        (N_img, N_cap) scores whose ranking per column (or row) is the re-ranked one.
+    """
+    sim = similarity if by == "row" else similarity.T  # (Q, C) queries x candidates
+    k = min(k, sim.shape[1])
+    top = sim.topk(k, dim=1).indices  # (Q, k)
+    out = sim.float() - BELOW
+    queries_per_call = max(1, batch_pairs // max(k, 1))
+    for start in range(0, sim.shape[0], queries_per_call):
+        q = torch.arange(start, min(start + queries_per_call, sim.shape[0]))
+        cand = top[q]  # (q, k)
+        q_flat = q[:, None].expand_as(cand).reshape(-1)  # (q*k,)
+        c_flat = cand.reshape(-1)
+        if by == "row":
+            image_part, text_part = images.select(q_flat), texts.select(c_flat)
+        else:
+            image_part, text_part = images.select(c_flat), texts.select(q_flat)
+        scores = matcher._pair_scores(image_part, text_part, False).score.float().cpu()  # (q*k,)
+        out[q[:, None], cand] = scores.view(len(q), k)
+    return out if by == "row" else out.T
+
+
+@torch.no_grad()
+def evaluate(
+    matcher: Matcher,
+    records: Sequence[Record],
+    k: int = 16,
+    *,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Recall@K both ways, median ranks and rsum for the dual encoder and after re-ranking its top `k`.
+
+    Returns:
+        {"metrics", "rerank_metrics" (None when k = 0), "images", "captions", "rejects", "seconds"}.
+    """
+    was_training = matcher.training
+    matcher.eval()
+    start = time.perf_counter()
+    try:
+        split = encode_split(matcher, records, batch_size=batch_size, workers=workers)
+        similarity = split.images.pooled.float() @ split.texts.pooled.float().T  # (N_img, N_cap)
+        metrics = retrieval_metrics(similarity, split.caption_image, ks)
+        rerank = None
+        if k > 0:
+            images = matcher.prepare_images(split.images.to(dtype=matcher.dtype))
+            texts = matcher.prepare_texts(split.texts.to(dtype=matcher.dtype))
+            t2i = retrieval_metrics(
+                rerank_similarity(matcher, images, texts, similarity, k, by="column"), split.caption_image, ks
+            )
+            i2t = retrieval_metrics(
+                rerank_similarity(matcher, images, texts, similarity, k, by="row"), split.caption_image, ks
+            )
+            rerank = {key: (t2i if key.startswith("image_") else i2t)[key] for key in metrics if key != "rsum"}
+            rerank["rsum"] = 100.0 * sum(v for key, v in rerank.items() if "recall@" in key)
+    finally:
+        matcher.train(was_training)
+    return {
+        "metrics": metrics,
+        "rerank_metrics": rerank,
+        "images": len(split.image_ids),
+        "captions": int(split.caption_image.numel()),
+        "rejects": split.rejects,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def run_eval(
+    dataset: str | Path,
+    data_cfg: DataCfg,
+    *,
+    model: str = "vit-b-32",
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    k: int = 16,
+    batch_size: int = 64,
+    workers: int = 0,
+    max_images: int | None = None,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """`mmcross eval`: load the model the options name, evaluate one split, optionally write the JSON to `out`."""
+    from mmcross.data.registry import open_dataset
+    from mmcross.factory import load_matcher, resolve_checkpoint
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    ds = open_dataset(dataset, data_cfg)
+    records = [r for r in ds.records() if r.captions]
+    if max_images:
+        records = records[:max_images]
+    if not records:
+        where = f" in split {data_cfg.split!r}" if data_cfg.split else ""
+        raise ValueError(f"{dataset} has no images with captions{where}")
+    matcher = load_matcher(model, pretrained, checkpoint, overrides, device=device)
+    result = evaluate(matcher, records, k, batch_size=batch_size, workers=workers)
+    report = {
+        "dataset": str(dataset),
+        "format": ds.format,
+        "split": data_cfg.split,
+        "model": str(resolve_checkpoint(checkpoint)) if checkpoint else matcher.cfg.name,
+        "pretrained": matcher.cfg.encoder.pretrained,
+        "k": k,
+        **result,
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,162 @@
+"""Training losses: ITC (InfoNCE with a learnable temperature), ITM with hard negatives, VSE++ max-violation.
+
+Shapes: B images of the local batch, each paired with one caption (image i <-> caption i, distinct images);
+G = B * world, the batch gathered from every process; E embedding size.
+
+- ITC (CLIP, ALBEF): cross-entropy both ways over cosine similarities scaled by exp(logit_scale). Under DDP each
+  process gathers the embeddings of all processes with gradients, so every negative counts and gradients flow back to
+  the process that computed them (open_clip's `gather_with_grad`).
+- ITM (ALBEF, BLIP): the fusion head sees the B positive pairs, plus for every image one caption and for every
+  caption one image drawn from the batch with probability softmax(ITC similarity) (the true partner excluded): hard
+  negatives. Binary cross-entropy on the head's logit (1 = match).
+- VSE++ (Faghri et al.; MMCA): hinge on the hardest in-batch negative of each image and of each caption.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mmcross.encoders import ImageFeatures, TextFeatures
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each process -> (B * world, ...) in rank order; gradients flow back to each rank's rows."""
+    _, size = world()
+    if size == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE with a learnable temperature, stored as `logit_scale` = log(1 / T) (CLIP's form).
+
+    Args:
+        init_temperature: starting T.
+        max_scale: exp(logit_scale) is clamped to this (T >= 1 / max_scale), as CLIP does.
+    """
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_scale)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Loss of B aligned L2-normalised embeddings (B, E) per process, negatives from every process."""
+        rank, _ = world()
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # (G, E)
+        scale = self.scale()
+        logits_i2t = scale * image @ all_text.T  # (B, G)
+        logits_t2i = scale * text @ all_image.T  # (B, G)
+        labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]  # (B,)
+        return (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+
+
+def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> tuple:
+    """For each image a negative caption and for each caption a negative image, drawn by softmax(similarity).
+
+    Args:
+        similarity: (B, B) image x caption logits of the local batch (diagonal = positives).
+        generator: random source; None = torch's global RNG.
+
+    Returns:
+        (negative caption per image (B,), negative image per caption (B,)), indices into the batch.
+    """
+    with torch.no_grad():
+        sim = similarity.float()
+        eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+        w_i2t = F.softmax(sim, dim=1).masked_fill(eye, 0) + 1e-12 * (~eye)  # (B, B), never the positive
+        w_t2i = F.softmax(sim.T, dim=1).masked_fill(eye, 0) + 1e-12 * (~eye)
+        neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)  # (B,)
+        neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)  # (B,)
+    return neg_text, neg_image
+
+
+def _take_image(feats: ImageFeatures, index: torch.Tensor) -> ImageFeatures:
+    return ImageFeatures(feats.pooled[index], feats.tokens[index])
+
+
+def _take_text(feats: TextFeatures, index: torch.Tensor) -> TextFeatures:
+    return TextFeatures(feats.pooled[index], feats.tokens[index], feats.mask[index])
+
+
+def itm_loss(matcher, image: ImageFeatures, text: TextFeatures, similarity: torch.Tensor) -> torch.Tensor:
+    """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`).
+
+    Args:
+        matcher: a `mmcross.model.Matcher` (its `score_features` runs fusion + head on aligned pairs).
+        image: encoder outputs of the B images.
+        text: encoder outputs of the B captions (caption i describes image i).
+        similarity: (B, B) ITC logits used to draw the negatives.
+    """
+    b = similarity.shape[0]
+    if b < 2:
+        raise ValueError("ITM hard negatives need at least 2 images per batch")
+    neg_text, neg_image = sample_hard_negatives(similarity)
+    rows = torch.arange(b, device=neg_text.device)
+    image_idx = torch.cat([rows, rows, neg_image])  # (3B,) positives, image + negative caption, negative image
+    text_idx = torch.cat([rows, neg_text, rows])  # (3B,)
+    scores = matcher.score_features(_take_image(image, image_idx), _take_text(text, text_idx))
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(scores.itm_logit.device)
+    return F.binary_cross_entropy_with_logits(scores.itm_logit.float(), labels)
+
+
+def vse_max_violation(image: torch.Tensor, text: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """VSE++ triplet loss with the hardest in-batch negatives, for aligned L2-normalised (B, E) embeddings."""
+    sim = image.float() @ text.float().T  # (B, B)
+    pos = sim.diag()  # (B,)
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    cost_text = (margin + sim - pos[:, None]).clamp(min=0).masked_fill(eye, 0)  # image i vs caption j
+    cost_image = (margin + sim - pos[None, :]).clamp(min=0).masked_fill(eye, 0)  # caption j vs image i
+    return (cost_text.max(dim=1).values + cost_image.max(dim=0).values).mean()
+
+
+@dataclass
+class LossWeights:
+    itc: float = 1.0  # InfoNCE
+    itm: float = 1.0  # ITM with hard negatives
+    vse: float = 0.0  # VSE++ max-violation
+    vse_margin: float = 0.2  # VSE++ margin
+
+
+class MatchingLoss(nn.Module):
+    """The weighted sum of the three losses on one batch of encoder outputs; owns the ITC temperature.
+
+    `forward` returns a dict: `loss` (the weighted sum, to backpropagate) and each term that is on (detached).
+    """
+
+    def __init__(self, weights: LossWeights, init_temperature: float = 0.07):
+        super().__init__()
+        self.weights = weights
+        self.itc = ContrastiveLoss(init_temperature)
+
+    def forward(self, matcher, image: ImageFeatures, text: TextFeatures) -> dict[str, torch.Tensor]:
+        w = self.weights
+        image_emb = F.normalize(image.pooled.float(), dim=-1)  # (B, E)
+        text_emb = F.normalize(text.pooled.float(), dim=-1)  # (B, E)
+        terms: dict[str, torch.Tensor] = {}
+        if w.itc:
+            terms["itc"] = self.itc(image_emb, text_emb)
+        if w.itm:
+            terms["itm"] = itm_loss(matcher, image, text, self.itc.scale().detach() * image_emb @ text_emb.T)
+        if w.vse:
+            terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin)
+        total = sum(getattr(w, name) * value for name, value in terms.items())
+        return {"loss": total, **{name: value.detach() for name, value in terms.items()}}

@@ -1,0 +1,605 @@
+"""`fit()`: fine-tune a matcher with ITC + ITM (hard negatives) [+ VSE++], and the run directory it writes.
+
+A run directory holds:
+
+    config.json          the resolved `RunCfg` (after YAML and `--set`)
+    log.jsonl            one line per `log_every` steps: step, epoch, loss and each term, lr, temperature,
+                         samples/s, elapsed seconds; and one line per dev evaluation ({"step", "eval": {...}})
+    last.safetensors     the matcher at the latest checkpoint (`mmcross.factory` format, `step` in its metadata)
+    best.safetensors     the matcher with the best dev rsum (re-ranked when `eval_rerank_k` > 0)
+    state.safetensors    optimiser tensors, the ITC temperature and RNG states (no pickle anywhere)
+    state.json           step, optimiser param groups, scheduler state, best score, matching last.safetensors
+
+Determinism and resume: batch b of epoch e is a fixed function of (seed, e, b) (a seeded permutation, one seeded
+caption per image, a per-image augmentation seed), and the global RNG (dropout, hard-negative sampling) is reseeded
+from (seed, step, rank) at every optimiser step. So a run resumed from its last checkpoint (`resume=True`) takes
+exactly the steps the uninterrupted run would have, and on CPU its loss curve matches it.
+
+Distributed: under `torchrun` (WORLD_SIZE > 1) the process group is opened (gloo on CPU, NCCL on CUDA), each rank
+takes its slice of every global batch, the model is wrapped in DDP, and the ITC loss gathers embeddings from all
+ranks with gradients (`mmcross.losses.gather_with_grad`). Rank 0 writes the log, checkpoints and evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
+from mmcross.data.loader import collate, load_item
+from mmcross.data.records import Record
+from mmcross.encoders import ImageFeatures, TextFeatures
+from mmcross.losses import LossWeights, MatchingLoss, world
+from mmcross.model import ImageCache, Matcher, TextCache
+
+log = logging.getLogger(__name__)
+
+STATE_TENSORS, STATE_JSON, LOG_FILE, CONFIG_FILE = "state.safetensors", "state.json", "log.jsonl", "config.json"
+TRAINABLE = ("fusion", "last_n", "all")
+
+
+@dataclass
+class FitResult:
+    """What `fit` did."""
+
+    run_dir: Path
+    step: int  # optimiser steps done
+    seconds: float  # wall time of this call
+    best: float | None  # best dev rsum seen (re-ranked when evaluated with re-ranking)
+    eval: dict[str, Any] | None  # the last dev evaluation (`mmcross.evaluate.evaluate` output)
+    losses: list[dict[str, float]]  # every step's log entry from this call
+    matcher: Matcher | None = None  # the trained model (this process's copy)
+
+
+# ---- what trains ---------------------------------------------------------------------------------------------------
+
+
+def _blocks(encoder: nn.Module) -> nn.ModuleList | None:
+    """The transformer block list of an encoder tower (open_clip `resblocks`, timm `blocks`, HF `layer`)."""
+    for name in ("resblocks", "blocks", "layer", "layers"):
+        for mod_name, module in encoder.named_modules():
+            if mod_name.split(".")[-1] == name and isinstance(module, nn.ModuleList):
+                return module
+    return None
+
+
+HEAD_PARTS = ("ln_post", "proj", "ln_final", "text_projection", "attn_pool", "head", "final_layer_norm", "pooler")
+
+
+def set_trainable(matcher: Matcher, mode: str, last_n: int = 2) -> None:
+    """Choose what trains: "fusion" (encoders frozen), "last_n" (+ the last `last_n` blocks of each tower and what
+    follows them: final norm, projection) or "all"."""
+    if mode not in TRAINABLE:
+        raise ValueError(f"train.trainable must be one of {', '.join(TRAINABLE)}, got {mode!r}")
+    matcher.freeze_encoders(mode == "fusion")
+    if mode != "last_n":
+        return
+    for encoder in (matcher.image_encoder, matcher.text_encoder):
+        encoder.requires_grad_(False)
+        blocks = _blocks(encoder)
+        if blocks is None:
+            raise ValueError(f"cannot find the transformer blocks of {type(encoder).__name__} for trainable=last_n")
+        for block in list(blocks)[-last_n:] if last_n > 0 else []:
+            block.requires_grad_(True)
+        for name, param in encoder.named_parameters():
+            if any(part in name.split(".") for part in HEAD_PARTS):
+                param.requires_grad_(True)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes and runs)."""
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class EpochPlan:
+    """Which images and captions micro-batch m holds: a fixed function of (seed, epoch, position), so resumable.
+
+    Args:
+        n_images: images in the training set.
+        caption_counts: captions per image.
+        batch: images per micro-batch per rank.
+        world_size: ranks; a global micro-batch holds `batch * world_size` distinct images.
+        seed: the run's seed.
+    """
+
+    def __init__(self, n_images: int, caption_counts: Sequence[int], batch: int, world_size: int, seed: int):
+        self.n, self.batch, self.world_size, self.seed = n_images, batch, world_size, seed
+        self.counts = torch.tensor(list(caption_counts))
+        self.per_epoch = n_images // (batch * world_size)
+        if self.per_epoch < 1:
+            raise ValueError(f"{n_images} training images are fewer than one global batch ({batch * world_size})")
+        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def _epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cached is None or self._cached[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
+            perm = torch.randperm(self.n, generator=g)
+            caption = torch.randint(0, 1 << 30, (self.n,), generator=g) % self.counts
+            self._cached = (epoch, perm, caption)
+        return self._cached[1], self._cached[2]
+
+    def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
+        """(epoch, image indices, caption index per image) of global micro-batch `m` for `rank`."""
+        epoch, within = divmod(m, self.per_epoch)
+        perm, caption = self._epoch(epoch)
+        start = within * self.batch * self.world_size + rank * self.batch
+        images = perm[start : start + self.batch]
+        return epoch, images.tolist(), caption[images].tolist()
+
+
+class PlannedImages(torch.utils.data.Dataset):
+    """Micro-batches `first, first + 1, ...` of an `EpochPlan` for one rank, decoded (in DataLoader workers)."""
+
+    def __init__(
+        self, records: Sequence[Record], plan: EpochPlan, first: int, count: int, rank: int, transform, cfg: DataCfg
+    ):
+        self.records, self.plan, self.first, self.count, self.rank = records, plan, first, count, rank
+        self.transform, self.cfg = transform, cfg
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, b: int):
+        epoch, images, captions = self.plan.micro_batch(self.first + b, self.rank)
+        items = []
+        for image in images:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.plan.seed, epoch, image, 2))  # augmentation of this image this epoch
+                items.append(load_item(image, self.records[image], self.transform, self.cfg))
+        return collate(items), dict(zip(images, captions))
+
+
+# ---- the trained module --------------------------------------------------------------------------------------------
+
+
+class TrainModule(nn.Module):
+    """Matcher + losses in one module, so DDP sees every forward and every parameter (the temperature included)."""
+
+    def __init__(self, matcher: Matcher, loss: MatchingLoss):
+        super().__init__()
+        self.matcher, self.loss = matcher, loss
+
+    def forward(
+        self,
+        pixels: torch.Tensor | None,
+        ids: torch.Tensor | None,
+        image: ImageFeatures | None = None,
+        text: TextFeatures | None = None,
+    ) -> dict[str, torch.Tensor]:
+        image = image if image is not None else self.matcher.encode_image(pixels)
+        text = text if text is not None else self.matcher.encode_text(ids)
+        return self.loss(self.matcher, image, text)
+
+
+def param_groups(module: TrainModule, cfg: TrainCfg) -> list[dict[str, Any]]:
+    """AdamW groups: {fusion/head/temperature, encoders} x {decay, no decay (biases, norms, embeddings, scale)}."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_encoder = name.startswith(("matcher.image_encoder.", "matcher.text_encoder."))
+        no_decay = param.ndim < 2 or "embedding" in name or "logit_scale" in name
+        groups.setdefault((is_encoder, no_decay), []).append(param)
+    out = []
+    for (is_encoder, no_decay), params in sorted(groups.items()):
+        lr = cfg.encoder_lr if is_encoder and cfg.encoder_lr is not None else cfg.lr
+        out.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
+    return out
+
+
+def lr_factor(step: int, cfg: TrainCfg) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- state without pickle --------------------------------------------------------------------------------------------
+
+
+def save_state(run_dir: Path, optimizer, scheduler, loss: MatchingLoss, info: dict[str, Any]) -> None:
+    """Optimiser tensors, temperature and RNG state to state.safetensors; everything else to state.json."""
+    from safetensors.torch import save_file
+
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"loss.logit_scale": loss.itc.logit_scale.detach().cpu().clone()}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for pid, entries in opt["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state.setdefault(str(pid), {})[key] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    doc = {**info, "param_groups": opt["param_groups"], "optim_plain_state": plain_state, "scheduler": sched}
+    tmp_t, tmp_j = run_dir / (STATE_TENSORS + ".tmp"), run_dir / (STATE_JSON + ".tmp")
+    save_file(tensors, str(tmp_t))
+    tmp_j.write_text(json.dumps(doc, indent=1))
+    tmp_t.replace(run_dir / STATE_TENSORS)
+    tmp_j.replace(run_dir / STATE_JSON)
+
+
+def load_state(run_dir: Path, optimizer, scheduler, loss: MatchingLoss, device) -> dict[str, Any]:
+    """Restore what `save_state` wrote; returns state.json's content."""
+    from safetensors.torch import load_file
+
+    doc = json.loads((run_dir / STATE_JSON).read_text())
+    tensors = load_file(str(run_dir / STATE_TENSORS))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value.to(device)
+    for pid, entries in doc["optim_plain_state"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+    scheduler.load_state_dict({**doc["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    with torch.no_grad():
+        loss.itc.logit_scale.copy_(tensors["loss.logit_scale"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return doc
+
+
+# ---- fit -----------------------------------------------------------------------------------------------------------
+
+
+def _setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, size = world()
+    if cuda:
+        device = torch.device(
+            f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            if size > 1
+            else ("cuda" if device_name == "auto" else device_name)
+        )
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, size, device
+
+
+def _read_records(path: str, fmt: str, split: str | None) -> list[Record]:
+    from mmcross.data.registry import open_dataset
+
+    records = [r for r in open_dataset(path, DataCfg(format=fmt, split=split)).records() if r.captions]
+    if not records:
+        raise ValueError(f"{path} has no images with captions in split {split!r}")
+    return records
+
+
+@dataclass
+class _FeatureCache:
+    images: ImageCache  # encoder outputs of every training image (eval transform)
+    texts: TextCache  # every caption
+    first_caption: torch.Tensor  # (N,) index in `texts` of each image's first caption
+    good: torch.Tensor  # (N,) bool, image decoded
+
+
+@torch.no_grad()
+def _build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: TrainCfg) -> _FeatureCache:
+    from mmcross.data.loader import image_loader
+
+    n = len(records)
+    pooled = tokens = None
+    good = torch.zeros(n, dtype=torch.bool)
+    for batch in image_loader(
+        records, matcher.image_encoder.preprocess, batch_size=cfg.batch_size, workers=cfg.workers
+    ):
+        if batch.pixels is None:
+            continue
+        feats = matcher.encode_image(batch.pixels)
+        if pooled is None:
+            pooled = torch.zeros(n, *feats.pooled.shape[1:], dtype=feats.pooled.dtype, device=feats.pooled.device)
+            tokens = torch.zeros(n, *feats.tokens.shape[1:], dtype=feats.tokens.dtype, device=feats.tokens.device)
+        index = torch.tensor(batch.indices)
+        pooled[index], tokens[index] = feats.pooled, feats.tokens
+        good[index] = True
+    if pooled is None:
+        raise ValueError("no training image could be decoded")
+    captions = [c for r in records for c in r.captions]
+    texts = matcher.cache_texts(captions, batch_size=4 * cfg.batch_size, prepare=False)
+    counts = torch.tensor([len(r.captions) for r in records])
+    first = torch.cumsum(counts, 0) - counts
+    return _FeatureCache(ImageCache(pooled, tokens), texts, first, good)
+
+
+def _raw_text(texts: TextCache, index: torch.Tensor) -> TextFeatures:
+    sel = texts.select(index)
+    return TextFeatures(sel.pooled, sel.tokens, sel.mask)  # pooled is normalised; the losses normalise again
+
+
+def fit(
+    run: RunCfg,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train the matcher `run` describes and write the run directory (see the module docstring).
+
+    Args:
+        run: model, weights, architecture overrides and `TrainCfg`.
+        run_dir: output folder; `mmcross eval --checkpoint RUN_DIR` then loads its best (else last) checkpoint.
+        resume: continue from `run_dir`'s last checkpoint (the same config is expected; steps already done are kept).
+        progress: show a progress bar on stderr (rank 0).
+        on_step: called with each step's log entry (tests use it to stop a run).
+
+    Returns:
+        A `FitResult`.
+    """
+    from mmcross.evaluate import evaluate
+    from mmcross.factory import LAST_CHECKPOINT, create_matcher, load_checkpoint, save_checkpoint
+
+    cfg = run.train
+    if not cfg.data:
+        raise ValueError("no training data: set train.data in the run config or --set train.data=PATH")
+    if cfg.feature_cache and cfg.trainable != "fusion":
+        raise ValueError("train.feature_cache needs train.trainable=fusion (frozen encoders)")
+    if cfg.batch_size < 2:
+        raise ValueError("train.batch_size must be at least 2 (in-batch negatives)")
+    start_time = time.perf_counter()
+    rank, size, device = _setup_distributed(cfg.device)
+    run_dir = Path(run_dir)
+    is_main = rank == 0
+    last_path = run_dir / LAST_CHECKPOINT
+    if resume and not (last_path.is_file() and (run_dir / STATE_JSON).is_file()):
+        raise FileNotFoundError(f"nothing to resume in {run_dir}: no {LAST_CHECKPOINT} with {STATE_JSON}")
+    if not resume and is_main and (last_path.exists() or (run_dir / LOG_FILE).exists()):
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
+
+    torch.manual_seed(_mix(cfg.seed, 0, rank))
+    if resume:
+        matcher = load_checkpoint(last_path, device=device)
+    else:
+        matcher = create_matcher(run.model, pretrained=run.pretrained, device=device, overrides=run.matcher)
+    set_trainable(matcher, cfg.trainable, cfg.last_n_blocks)
+    records = _read_records(cfg.data, cfg.format, cfg.split)
+    eval_records: list[Record] = []
+    if cfg.eval_split and is_main:
+        eval_records = _read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split)[: cfg.eval_max_images]
+
+    weights = LossWeights(cfg.itc_weight, cfg.itm_weight, cfg.vse_weight, cfg.vse_margin)
+    loss_module = MatchingLoss(weights, cfg.init_temperature).to(device)
+    module = TrainModule(matcher, loss_module)
+    model: nn.Module = module
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            module,
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=not (cfg.itc_weight and cfg.itm_weight),
+        )
+    optimizer = torch.optim.AdamW(param_groups(module, cfg), betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+    step, best = 0, None
+    if resume:
+        doc = load_state(run_dir, optimizer, scheduler, loss_module, device)
+        step, best = doc["step"], doc.get("best")
+        _truncate_log(run_dir / LOG_FILE, step)
+
+    cache = _build_feature_cache(matcher, records, cfg) if cfg.feature_cache else None
+    plan = EpochPlan(len(records), [len(r.captions) for r in records], cfg.batch_size, size, cfg.seed)
+    transform = matcher.image_encoder.preprocess_train if cfg.augment else matcher.image_encoder.preprocess
+    if transform is None:
+        transform = matcher.image_encoder.preprocess
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
+
+    def micro_batches(first: int):
+        """Yield (pixels or image feats, ids or text feats, n) for global micro-batches first, first + 1, ..."""
+        if cache is not None:
+            m = first
+            while True:
+                _, images, captions = plan.micro_batch(m, rank)
+                idx = torch.tensor(images)
+                idx = idx[cache.good[idx]]
+                cap = cache.first_caption[idx] + torch.tensor(
+                    [captions[images.index(i)] for i in idx.tolist()], dtype=torch.long
+                )
+                dev = cache.images.pooled.device
+                yield (
+                    ImageFeatures(cache.images.pooled[idx.to(dev)], cache.images.tokens[idx.to(dev)]),
+                    _raw_text(cache.texts, cap),
+                    len(idx),
+                )
+                m += 1
+        total = (cfg.max_steps - step) * cfg.accum_steps
+        dataset = PlannedImages(records, plan, first, total, rank, transform, DataCfg(format=cfg.format))
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=cfg.workers,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            persistent_workers=False,
+        )
+        for batch, caption_of in loader:
+            if batch.pixels is None:
+                yield None, None, 0
+                continue
+            captions = [r.captions[caption_of[i]] for i, r in zip(batch.indices, batch.records)]
+            yield batch.pixels, matcher.tokenize(captions), len(captions)
+
+    bar = _progress(progress and is_main, cfg.max_steps, step)
+    batches = micro_batches(step * cfg.accum_steps)
+    losses: list[dict[str, float]] = []
+    last_eval = None
+    log_file = (run_dir / LOG_FILE).open("a") if is_main else None
+    window_samples, window_start = 0, time.perf_counter()
+    module.train()
+    try:
+        while step < cfg.max_steps:
+            torch.manual_seed(_mix(cfg.seed, step, rank, 3))  # dropout and hard negatives of this step
+            sums: dict[str, float] = {}
+            for a in range(cfg.accum_steps):
+                first, second, n = next(batches)
+                if n < 2:
+                    log.warning("skipping a micro-batch with %d usable images", n)
+                    continue
+                sync = size == 1 or a == cfg.accum_steps - 1
+                with nullcontext() if sync else model.no_sync(), autocast():
+                    if cache is not None:
+                        out = model(None, None, first, second)
+                    else:
+                        out = model(first, second)
+                (out["loss"] / cfg.accum_steps).backward()
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
+                window_samples += n * size
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            entry = {
+                "step": step,
+                "epoch": round(step * cfg.accum_steps / plan.per_epoch, 4),
+                **{k: round(v, 6) for k, v in sums.items()},
+                "lr": lr,
+                "temperature": round(float(1 / loss_module.itc.scale().detach()), 6),
+                "samples_per_s": round(window_samples / max(now - window_start, 1e-9), 2),
+                "elapsed_s": round(now - start_time, 2),
+            }
+            losses.append(entry)
+            bar(step, entry)
+            if log_file and (step % max(cfg.log_every, 1) == 0 or step == cfg.max_steps):
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+                window_samples, window_start = 0, time.perf_counter()
+            out_of_time = cfg.max_minutes > 0 and (now - start_time) / 60 >= cfg.max_minutes
+            out_of_time = _all_agree(out_of_time, device)
+            final = step == cfg.max_steps or out_of_time
+            if eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
+                last_eval = evaluate(
+                    matcher, eval_records, cfg.eval_rerank_k, batch_size=cfg.batch_size, workers=cfg.workers
+                )
+                key = "rerank_metrics" if last_eval["rerank_metrics"] else "metrics"
+                score = last_eval[key]["rsum"]
+                if best is None or score > best:
+                    best = score
+                    save_checkpoint(matcher, run_dir / "best.safetensors", {"step": str(step), "rsum": str(score)})
+                log_file.write(json.dumps({"step": step, "eval": last_eval}) + "\n")
+                log_file.flush()
+                module.train()
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or final:
+                if is_main:
+                    save_checkpoint(matcher, last_path, {"step": str(step)})
+                    save_state(run_dir, optimizer, scheduler, loss_module, {"step": step, "best": best})
+                if size > 1:
+                    dist.barrier()
+            if on_step is not None:
+                on_step(entry)
+            if out_of_time:
+                log.warning("stopping at step %d: train.max_minutes=%s reached", step, cfg.max_minutes)
+                break
+    finally:
+        if log_file:
+            log_file.close()
+        bar(None, None)
+    return FitResult(run_dir, step, time.perf_counter() - start_time, best, last_eval, losses, matcher)
+
+
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """True when any rank says True (all ranks stop together)."""
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (a run killed between checkpoints)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _progress(enabled: bool, total: int, done: int):
+    """A rich progress bar on stderr; returns update(step, entry), and update(None, None) to close."""
+    if not enabled:
+        return lambda step, entry: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(file=sys.stderr),
+    )
+    task = bar.add_task("train", total=total, completed=done, info="")
+    bar.start()
+
+    def update(step, entry):
+        if step is None:
+            bar.stop()
+            return
+        bar.update(task, completed=step, info=f"loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
+
+    return update
+
+
+def train_from_config(
+    config: str | Path | None,
+    run_dir: str | Path,
+    overrides: dict[str, str] | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """`mmcross train`: defaults < YAML run config < `--set` overrides, then `fit`."""
+    from mmcross.config import load_run_cfg
+
+    run = load_run_cfg(config, overrides)
+    if resume:
+        saved = Path(run_dir) / CONFIG_FILE
+        if saved.is_file() and config is None and not overrides:
+            from mmcross.config import from_dict
+
+            data = json.loads(saved.read_text())
+            run = from_dict(RunCfg, {**data, "train": TrainCfg(**data["train"])})
+    return fit(run, run_dir, resume=resume, progress=progress)
+
+
+__all__ = ["FitResult", "fit", "set_trainable", "train_from_config"]

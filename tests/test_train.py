@@ -1,0 +1,133 @@
+"""fit(): the loss goes down, kill-and-resume equals an uninterrupted run, what-trains modes, DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmcross.config import load_run_cfg
+from mmcross.factory import create_matcher, load_checkpoint
+from mmcross.train import fit, set_trainable
+from tests.train_helpers import make_shapes
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp("shapes"), n_train=16, n_dev=6)
+
+
+def _run(manifest: Path, **train) -> object:
+    base = {
+        "train.data": str(manifest),
+        "train.batch_size": "8",
+        "train.max_steps": "6",
+        "train.warmup_steps": "1",
+        "train.lr": "1e-3",
+        "train.log_every": "1",
+        "train.augment": "false",
+        "train.eval_split": "none",
+        "fusion.dropout": "0.1",
+    }
+    return load_run_cfg(None, {**base, **{f"train.{k}": str(v) for k, v in train.items()}})
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_short_run_lowers_the_loss(shapes, tmp_path):
+    result = fit(_run(shapes, max_steps=8, itm_weight=0.5, vse_weight=0.5), tmp_path / "run", progress=False)
+    losses = [e["loss"] for e in result.losses]
+    assert len(losses) == 8 and all(k in result.losses[0] for k in ("itc", "itm", "vse", "lr", "samples_per_s"))
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
+    assert [e["step"] for e in _log(tmp_path / "run")] == list(range(1, 9))
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors") is not None
+
+
+def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path):
+    cfg = _run(shapes, ckpt_every=2)
+    full = fit(cfg, tmp_path / "full", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(entry):
+        if entry["step"] == 3:  # after the step-2 checkpoint, before the next one
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(cfg, tmp_path / "resumed", progress=False, on_step=kill_at_3)
+    with pytest.raises(ValueError, match="--resume"):
+        fit(cfg, tmp_path / "resumed", progress=False)
+    resumed = fit(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert [e["step"] for e in resumed.losses] == [3, 4, 5, 6]
+    a, b = _log(tmp_path / "full"), _log(tmp_path / "resumed")
+    assert [e["step"] for e in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        for key in ("loss", "itc", "itm", "lr", "temperature"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    wa = load_checkpoint(tmp_path / "full" / "last.safetensors").state_dict()
+    wb = load_checkpoint(tmp_path / "resumed" / "last.safetensors").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert full.step == resumed.step == 6
+
+
+def test_what_trains(tiny_cfg):
+    matcher = create_matcher(tiny_cfg)
+    set_trainable(matcher, "last_n", 1)
+    names = {n for n, p in matcher.named_parameters() if p.requires_grad}
+    assert any(".resblocks.3." in n for n in names) and not any(".resblocks.2." in n for n in names)
+    assert any(n.startswith("fusion.") for n in names) and any(n.startswith("head.") for n in names)
+    assert "text_encoder.text_projection" in names
+    set_trainable(matcher, "fusion")
+    assert all(n.startswith(("fusion.", "head.")) for n, p in matcher.named_parameters() if p.requires_grad)
+    set_trainable(matcher, "all")
+    assert all(p.requires_grad for p in matcher.parameters())
+
+
+def test_feature_cache_trains_the_fusion_only(shapes, tmp_path):
+    result = fit(_run(shapes, trainable="fusion", feature_cache="true", max_steps=3), tmp_path / "run", progress=False)
+    assert result.step == 3
+    before = create_matcher(load_run_cfg(None, {}).model).state_dict()
+    after = load_checkpoint(tmp_path / "run" / "last.safetensors").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("image_encoder", "text_encoder")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("fusion"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, manifest: str, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = load_run_cfg(None, {"train.data": manifest, "train.batch_size": "4", "train.max_steps": "2",
+                              "train.log_every": "1", "train.augment": "false", "train.eval_split": "none",
+                              "train.device": "cpu"})
+    result = fit(cfg, out, progress=False)
+    import torch.distributed as dist
+
+    # every rank ends with the same weights (DDP averaged the gradients)
+    flat = torch.cat([p.detach().flatten() for p in result.matcher.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    assert torch.allclose(gathered[0], gathered[1])
+    assert result.step == 2
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(shapes, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(shapes), str(tmp_path / "ddp"), _free_port()), nprocs=2, join=True)
+    log = _log(tmp_path / "ddp")
+    assert [e["step"] for e in log] == [1, 2] and all(e["loss"] == e["loss"] for e in log)
