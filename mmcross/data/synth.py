@@ -27,6 +27,7 @@ SIZES = ("small", "big")
 GRID = 3  # objects sit in distinct cells of a GRID x GRID layout
 BACKGROUND = (245, 245, 245)
 MANIFEST = "manifest.jsonl"
+SYNTH_PARAMS = "synth.json"  # how the set was generated, held-out combinations included
 SPLIT_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}  # for images without a held-out combination
 
 
@@ -242,6 +243,8 @@ def write_synth(
             }
             manifest.write(json.dumps(row) + "\n")
     tmp.replace(out / MANIFEST)
+    params = {"n_images": n_images, "seed": seed, "image_size": image_size, "holdout": list(holdout or [])}
+    (out / SYNTH_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
     counts = {split: sum(item.split == split for item in items) for split in ("train", "dev", "test")}
     return SynthSummary(out, counts, sum(len(item.captions) for item in items), list(holdout or []))
 
@@ -249,10 +252,21 @@ def write_synth(
 def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
     """image_id -> {caption: its hard negative}, from a synth manifest (or any JSONL table with `negatives`)."""
     negatives: dict[str, dict[str, str]] = {}
-    with open(manifest, encoding="utf-8") as rows:
+    manifest = Path(manifest)
+    if manifest.is_dir():
+        manifest = manifest / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"no {MANIFEST} with hard negatives at {manifest} (make one with `mmcross data synth`)")
+    with manifest.open(encoding="utf-8") as rows:
         for line in rows:
             if line.strip():
                 row = json.loads(line)
                 if row.get("negatives"):
                     negatives[str(row["image_id"])] = dict(zip(row["captions"], row["negatives"]))
     return negatives
+
+
+def read_holdout(dataset: str | Path) -> list[str]:
+    """The held-out combinations a synth folder was generated with ([] when it has no synth.json)."""
+    params = Path(dataset) / SYNTH_PARAMS
+    return json.loads(params.read_text()).get("holdout", []) if params.is_file() else []

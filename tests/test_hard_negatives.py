@@ -1,0 +1,43 @@
+"""Hard-negative evaluation on the synthetic set with the tiny preset."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmcross.config import DataCfg
+from mmcross.data.registry import open_dataset
+from mmcross.data.synth import read_holdout, read_negatives, write_synth
+from mmcross.factory import create_matcher
+from mmcross.hard_negatives import KINDS, hard_negative_eval
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "set"
+    write_synth(out, n_images=60, seed=5, image_size=32, holdout=["blue square"])
+    return out
+
+
+def test_counts_and_swapping_roles_mirrors_accuracy(synth):
+    matcher = create_matcher("tiny")
+    records = list(open_dataset(synth, DataCfg(split="test")).records())
+    negatives = read_negatives(synth)
+    holdout = read_holdout(synth)
+    assert holdout == ["blue square"]
+    result = hard_negative_eval(matcher, records, negatives, holdout, batch_size=7)
+    expected_pairs = sum(len(negatives[r.image_id]) for r in records)
+    assert result["pairs"] == expected_pairs
+    assert result["heldout_pairs"] == sum("blue square" in c for r in records for c in negatives[r.image_id])
+    swapped = {image: {neg: cap for cap, neg in pairs.items()} for image, pairs in negatives.items()}
+    mirrored = hard_negative_eval(matcher, records, swapped, holdout)
+    for kind in KINDS:  # no ties with float scores: each pair is right one way round and wrong the other
+        key = f"hard_negative_accuracy_{kind}"
+        assert result[key] + mirrored[key] == pytest.approx(1.0)
+    same = {image: {cap: cap for cap in pairs} for image, pairs in negatives.items()}
+    assert all(hard_negative_eval(matcher, records, same)[f"hard_negative_accuracy_{k}"] == 0.0 for k in KINDS)
+
+
+def test_dataset_without_negatives_is_a_clear_error(synth):
+    records = list(open_dataset(synth, DataCfg(split="test")).records())
+    with pytest.raises(ValueError, match="hard negatives"):
+        hard_negative_eval(create_matcher("tiny"), records, {})
