@@ -57,8 +57,8 @@ def _faiss():
 
 
 def default_nlist(n: int) -> int:
-    """IVF lists for n vectors: about 4 sqrt(n), at least 1, and at least 39 training points per list."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+    """IVF lists for n vectors: about sqrt(n), at least 1, and at least 39 training points per list."""
+    return max(1, min(int(math.sqrt(n)), n // 39))
 
 
 def build_faiss(vectors: np.ndarray, kind: str, nlist: int | None = None, hnsw_m: int = 32):
@@ -91,8 +91,12 @@ def build_faiss(vectors: np.ndarray, kind: str, nlist: int | None = None, hnsw_m
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists an IVF search visits by default: a quarter of them (recall@10 >= 0.95 even on structureless data)."""
-    return max(1, nlist // 4)
+    """Lists an IVF search visits by default: 1/16 of them, at least 8 (or all, when there are fewer).
+
+    On clustered vectors (real embeddings) this keeps recall@10 near 1; on structureless uniform random vectors
+    every list is as likely as any other and recall@10 >= 0.95 needs about 7/8 of the lists (raise `--nprobe`).
+    """
+    return min(nlist, max(8, nlist // 16))
 
 
 def faiss_search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
