@@ -150,10 +150,19 @@ class PlannedImages(torch.utils.data.Dataset):
     """Micro-batches `first, first + 1, ...` of an `EpochPlan` for one rank, decoded (in DataLoader workers)."""
 
     def __init__(
-        self, records: Sequence[Record], plan: EpochPlan, first: int, count: int, rank: int, transform, cfg: DataCfg
+        self,
+        records: Sequence[Record],
+        plan: EpochPlan,
+        first: int,
+        count: int,
+        rank: int,
+        transform,
+        cfg: DataCfg,
+        draft_size: tuple[int, int] | None = None,
     ):
         self.records, self.plan, self.first, self.count, self.rank = records, plan, first, count, rank
         self.transform, self.cfg = transform, cfg
+        self.draft_size = draft_size  # (W, H): JPEGs decode at the smallest DCT scale at least this large
 
     def __len__(self) -> int:
         return self.count
@@ -164,7 +173,7 @@ class PlannedImages(torch.utils.data.Dataset):
         for image in images:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_mix(self.plan.seed, epoch, image, 2))  # augmentation of this image this epoch
-                items.append(load_item(image, self.records[image], self.transform, self.cfg))
+                items.append(load_item(image, self.records[image], self.transform, self.cfg, self.draft_size))
         return collate(items), dict(zip(images, captions))
 
 
@@ -438,7 +447,8 @@ def fit(
                 )
                 m += 1
         total = (cfg.max_steps - step) * cfg.accum_steps
-        dataset = PlannedImages(records, plan, first, total, rank, transform, DataCfg(format=cfg.format))
+        h, w = matcher.image_encoder.image_size
+        dataset = PlannedImages(records, plan, first, total, rank, transform, DataCfg(format=cfg.format), (w, h))
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
