@@ -432,6 +432,37 @@ def score(
 
 
 @app.command()
+def explain(
+    image: Path = typer.Argument(..., help="The image file."),
+    caption: str = typer.Argument(..., help="The caption to match against it."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG to write: one heat-map panel per caption word."),
+    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+    layer: int = typer.Option(
+        -1, "--layer", help="Cross layer to show, mean over its heads (-1: the last); --all-layers averages them all."
+    ),
+    all_layers: bool = typer.Option(False, "--all-layers", help="Average the maps of every cross layer."),
+    panel: int = typer.Option(192, "--panel", min=32, help="Side of each panel in pixels."),
+) -> None:
+    """Show where each caption word attends in the image (fusion cross-attention) and print itc, itm and score.
+
+    Each panel is the mean over heads of the last cross layer's attention of one word over the image patches,
+    scaled to its own range; the number beside the word is the share of its attention that went to the image.
+    """
+    from mmcross.config import parse_set_options
+    from mmcross.factory import load_matcher
+    from mmcross.report.heatmap import explain as explain_pair
+
+    with user_errors():
+        matcher = load_matcher(model, pretrained, checkpoint, parse_set_options(set_ or []))
+        result = explain_pair(matcher, image, caption, out, layer=None if all_layers else layer, panel=panel)
+    typer.echo(f"itc {result.itc:.4f}  itm {result.itm:.4f}  score {result.score:.4f}")
+    typer.echo(f"wrote {len(result.words)} panels ({result.size[0]}x{result.size[1]}) to {out}", err=True)
+
+
+@app.command()
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="Run config YAML (configs/*.yaml)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, optimiser state, log.jsonl."),

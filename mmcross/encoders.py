@@ -9,6 +9,7 @@ This is the only module that imports open_clip. It exposes:
   captions by length before batching, so most batches are short.
 - `load_encoders(EncoderCfg)`: builds both from an open_clip architecture with seeded random init or pretrained
   weights (tag, local file, `hf-hub:` id), failing fast and clearly when the weights cannot be fetched.
+- `token_strings(tokenizer, ids)`: the word pieces of token ids, for labels (attention heat maps).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -367,3 +368,26 @@ def count_tokens(model_name: str, captions: list[str]) -> tuple[list[int], int]:
     clean = getattr(tokenizer, "clean_fn", lambda text: text)
     ids = tokenizer.tokenizer([clean(caption) for caption in captions])["input_ids"]  # Hugging Face tokenizers
     return [len(row) for row in ids], context
+
+
+def token_strings(tokenizer: Callable, ids: Sequence[int]) -> list[str]:
+    """The word piece each token id stands for, for display (attention heat maps label their panels with them).
+
+    Special tokens keep their names (`<start_of_text>`, `<end_of_text>`, `[CLS]`); BPE end-of-word marks are dropped.
+    Works with open_clip's `SimpleTokenizer` and its Hugging Face tokenizer wrapper; other tokenizers give the ids.
+    """
+    ids = [int(i) for i in ids]
+    if isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        out = []
+        for i in ids:
+            piece = tokenizer.decoder.get(i, f"<{i}>")
+            if piece.startswith("<") and piece.endswith(">") and "_of_text" in piece:
+                out.append(piece)
+                continue
+            raw = bytearray(tokenizer.byte_decoder.get(c, ord("?")) for c in piece.replace("</w>", ""))
+            out.append(raw.decode("utf-8", errors="replace"))
+        return out
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is not None and hasattr(inner, "convert_ids_to_tokens"):
+        return [str(piece) for piece in inner.convert_ids_to_tokens(ids)]
+    return [str(i) for i in ids]
