@@ -349,7 +349,9 @@ def search(
     backend: str = typer.Option("auto", "--backend", help="auto (faiss where the index has one), exact or faiss."),
     nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF lists to visit (faiss ivf only)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    html: Path | None = typer.Option(None, "--html", help="Also write the hits as an HTML page here."),
+    html: Path | None = typer.Option(
+        None, "--html", help="Also write the hits as one self-contained HTML page (embedded thumbnails) here."
+    ),
 ) -> None:
     """Search an index by caption or image: dual-encoder top-k, optionally re-ranked by the fusion head.
 
@@ -358,7 +360,7 @@ def search(
     """
     from mmcross.factory import load_matcher
     from mmcross.index.store import read_manifest
-    from mmcross.retrieval import Query, hits_html, read_queries, search_index
+    from mmcross.retrieval import Query, read_queries, search_index
 
     if sum(x is not None for x in (text, image, queries)) != 1:
         typer.echo("error: give exactly one of --text, --image or --queries", err=True)
@@ -379,7 +381,9 @@ def search(
             index_dir, matcher, qs, target=target, k=k, rerank=rerank, backend=backend, nprobe=nprobe, model_name=name
         )
     if html is not None:
-        html.write_text(hits_html(results), encoding="utf-8")
+        from mmcross.report.gallery import write_search_gallery
+
+        write_search_gallery(results, html, title=f"mmcross search: {index_dir.name}")
     if as_json:
         payload = [{"query": q.label, "hits": [h.to_dict() for h in hits]} for q, hits in results]
         typer.echo(json.dumps(payload if queries else payload[0], indent=2, ensure_ascii=False))
