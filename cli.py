@@ -476,13 +476,22 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
-    """Fine-tune a matcher with ITC + ITM hard negatives (+ VSE++); `torchrun` runs it with DDP."""
+    """Fine-tune a matcher with ITC + ITM hard negatives (+ VSE++); `torchrun` runs it with DDP.
+
+    Writes the run directory (see `mmcross.train`) and loss.png, the loss curve of its log.jsonl.
+    """
+    import os
+
     from mmcross.config import parse_set_options
     from mmcross.train import train_from_config
 
     with user_errors():
         result = train_from_config(config, out, parse_set_options(set_ or []), resume=resume, progress=progress)
     summary = {"run_dir": str(result.run_dir), "step": result.step, "seconds": round(result.seconds, 1)}
+    if (result.run_dir / "log.jsonl").is_file() and os.environ.get("RANK", "0") == "0":  # rank 0 writes the log
+        from mmcross.report.plots import loss_curve
+
+        summary["loss_curve"] = str(loss_curve(result.run_dir / "log.jsonl"))
     if result.eval is not None:
         summary["best_rsum"] = result.best
         summary["metrics"] = result.eval["metrics"]
@@ -502,7 +511,12 @@ def eval_(
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     rerank: int = typer.Option(16, "--rerank", "-k", min=0, help="Re-rank each query's top K by the fusion (0: off)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write the results JSON here too."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write the results JSON here too, and its recall@K curve beside it (.png)."
+    ),
+    html: Path | None = typer.Option(
+        None, "--html", help="Write the worst failures (true match ranked lowest, what ranked above) as HTML here."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     workers: int = typer.Option(0, "--workers", "-j", min=0, help="Image decoding processes (0: none)."),
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="Evaluate on the first N images only."),
@@ -516,7 +530,7 @@ def eval_(
         report = run_eval(
             dataset, DataCfg(format=fmt, split=split), model=model, pretrained=pretrained, checkpoint=checkpoint,
             overrides=parse_set_options(set_ or []), k=rerank, batch_size=batch_size, workers=workers,
-            max_images=max_images, device=device, out=out,
+            max_images=max_images, device=device, out=out, html=html,
         )
     typer.echo(json.dumps(report, indent=2))
 

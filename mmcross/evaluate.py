@@ -119,11 +119,16 @@ def evaluate(
     ks: tuple[int, ...] = DEFAULT_KS,
     batch_size: int = 64,
     workers: int = 0,
+    failures: int = 0,
 ) -> dict[str, Any]:
     """Recall@K both ways, median ranks and rsum for the dual encoder and after re-ranking its top `k`.
 
+    Args:
+        failures: also return the this many worst queries of each direction (true match ranked lowest, by the
+            re-ranked order when `k` > 0), as `mmcross.report.gallery.Failure` objects under "failures".
+
     Returns:
-        {"metrics", "rerank_metrics" (None when k = 0), "images", "captions", "rejects", "seconds"}.
+        {"metrics", "rerank_metrics" (None when k = 0), "images", "captions", "rejects", "seconds"[, "failures"]}.
     """
     was_training = matcher.training
     matcher.eval()
@@ -133,20 +138,19 @@ def evaluate(
         similarity = split.images.pooled.float() @ split.texts.pooled.float().T  # (N_img, N_cap)
         metrics = retrieval_metrics(similarity, split.caption_image, ks)
         rerank = None
+        t2i_sim = i2t_sim = similarity
         if k > 0:
             images = matcher.prepare_images(split.images.to(dtype=matcher.dtype))
             texts = matcher.prepare_texts(split.texts.to(dtype=matcher.dtype))
-            t2i = retrieval_metrics(
-                rerank_similarity(matcher, images, texts, similarity, k, by="column"), split.caption_image, ks
-            )
-            i2t = retrieval_metrics(
-                rerank_similarity(matcher, images, texts, similarity, k, by="row"), split.caption_image, ks
-            )
+            t2i_sim = rerank_similarity(matcher, images, texts, similarity, k, by="column")
+            i2t_sim = rerank_similarity(matcher, images, texts, similarity, k, by="row")
+            t2i = retrieval_metrics(t2i_sim, split.caption_image, ks)
+            i2t = retrieval_metrics(i2t_sim, split.caption_image, ks)
             rerank = {key: (t2i if key.startswith("image_") else i2t)[key] for key in metrics if key != "rsum"}
             rerank["rsum"] = 100.0 * sum(v for key, v in rerank.items() if "recall@" in key)
     finally:
         matcher.train(was_training)
-    return {
+    result = {
         "metrics": metrics,
         "rerank_metrics": rerank,
         "images": len(split.image_ids),
@@ -154,6 +158,14 @@ def evaluate(
         "rejects": split.rejects,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if failures > 0:
+        from mmcross.report.gallery import worst_failures
+
+        by_id = {r.image_id: r for r in records}
+        captions = [c for image_id in split.image_ids for c in by_id[image_id].captions]  # encode_split's order
+        images = [(i, by_id[i].path or by_id[i].data) for i in split.image_ids]
+        result["failures"] = worst_failures(t2i_sim, i2t_sim, split.caption_image, captions, images, n=failures)
+    return result
 
 
 def run_eval(
@@ -170,8 +182,14 @@ def run_eval(
     max_images: int | None = None,
     device: str = "auto",
     out: str | Path | None = None,
+    html: str | Path | None = None,
+    failures: int = 20,
 ) -> dict[str, Any]:
-    """`mmcross eval`: load the model the options name, evaluate one split, optionally write the JSON to `out`."""
+    """`mmcross eval`: load the model the options name, evaluate one split, optionally write the JSON to `out`.
+
+    Beside the JSON goes its recall@K curve (`out` with suffix .png); `html` gets a self-contained page of the
+    `failures` worst queries of each direction and what ranked above their true match.
+    """
     from mmcross.data.registry import open_dataset
     from mmcross.factory import load_matcher, resolve_checkpoint
 
@@ -184,7 +202,8 @@ def run_eval(
         where = f" in split {data_cfg.split!r}" if data_cfg.split else ""
         raise ValueError(f"{dataset} has no images with captions{where}")
     matcher = load_matcher(model, pretrained, checkpoint, overrides, device=device)
-    result = evaluate(matcher, records, k, batch_size=batch_size, workers=workers)
+    result = evaluate(matcher, records, k, batch_size=batch_size, workers=workers, failures=failures if html else 0)
+    worst = result.pop("failures", None)
     report = {
         "dataset": str(dataset),
         "format": ds.format,
@@ -198,4 +217,13 @@ def run_eval(
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
+        from mmcross.report.plots import recall_curve
+
+        recall_curve(report, out.with_suffix(".png"))
+    if html is not None:
+        from mmcross.report.gallery import write_failures_gallery
+
+        stage = f"after re-ranking the top {k}" if k else "dual encoder"
+        note = f"{report['model']} on {dataset} ({data_cfg.split or 'all'}), ranks {stage}."
+        write_failures_gallery(worst or [], html, note=note)
     return report
