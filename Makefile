@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install test test-slow lint bench
+.PHONY: help install test test-slow lint bench screenshot
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ test-slow: install  ## Slow tests too (ViT-B-32, real Flickr8k data in ../shared
 lint: install  ## ruff check and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+screenshot: install  ## Search gallery in headless Chromium (apt-get install chromium) -> build/screenshots/
+	MMCROSS_SCREENSHOT=build/screenshots/search-gallery.png $(PY) -m pytest -q -m slow tests/test_report_chromium.py
 
 bench: install  ## Benchmarks -> bench-results.json
 	$(PY) -m benchmarks.run --out bench-results.json

@@ -20,7 +20,7 @@ _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.3em}h2{font-size:1.1em;margin:1.6em 0 .4em;word-break:break-word}
 .meta{color:#666;font-size:.9em}
-.row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start;list-style:none;padding:0}
 .card{width:172px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px}
 .card.truth{border:2px solid #2a9d3a}.card.query{border:2px solid #3a6ed8}
 .card img,.noimg{display:block;width:160px;height:120px;object-fit:contain;background:#eee;margin:0 auto 4px}
