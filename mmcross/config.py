@@ -95,6 +95,7 @@ class TrainCfg:
     itc_weight: float = 1.0  # weight of the InfoNCE image-text contrastive loss
     itm_weight: float = 1.0  # weight of the ITM loss (BCE on positives + ITC-sampled hard negatives)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off
+    dataset_negatives: bool = False  # ITM also on the data's own hard negatives (`negatives` of a JSONL manifest)
     vse_margin: float = 0.2  # margin of the VSE++ loss
     init_temperature: float = 0.07  # initial ITC temperature (learned, as log(1/T), clamped to T >= 0.01)
     seed: int = 0  # data order, augmentation, hard-negative sampling, dropout

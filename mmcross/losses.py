@@ -97,7 +97,13 @@ def _take_text(feats: TextFeatures, index: torch.Tensor) -> TextFeatures:
     return TextFeatures(feats.pooled[index], feats.tokens[index], feats.mask[index])
 
 
-def itm_loss(matcher, image: ImageFeatures, text: TextFeatures, similarity: torch.Tensor) -> torch.Tensor:
+def itm_loss(
+    matcher,
+    image: ImageFeatures,
+    text: TextFeatures,
+    similarity: torch.Tensor,
+    negatives: tuple[torch.Tensor, TextFeatures] | None = None,
+) -> torch.Tensor:
     """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`).
 
     Args:
@@ -105,6 +111,8 @@ def itm_loss(matcher, image: ImageFeatures, text: TextFeatures, similarity: torc
         image: encoder outputs of the B images.
         text: encoder outputs of the B captions (caption i describes image i).
         similarity: (B, B) ITC logits used to draw the negatives.
+        negatives: the dataset's own hard negatives, (rows (N,), captions): caption j is false for image rows[j]
+            (e.g. the attribute-swapped captions of `mmcross data synth`); added to the BCE as N more negatives.
     """
     b = similarity.shape[0]
     if b < 2:
@@ -113,9 +121,14 @@ def itm_loss(matcher, image: ImageFeatures, text: TextFeatures, similarity: torc
     rows = torch.arange(b, device=neg_text.device)
     image_idx = torch.cat([rows, rows, neg_image])  # (3B,) positives, image + negative caption, negative image
     text_idx = torch.cat([rows, neg_text, rows])  # (3B,)
-    scores = matcher.score_features(_take_image(image, image_idx), _take_text(text, text_idx))
-    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(scores.itm_logit.device)
-    return F.binary_cross_entropy_with_logits(scores.itm_logit.float(), labels)
+    logits = matcher.score_features(_take_image(image, image_idx), _take_text(text, text_idx)).itm_logit.float()
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
+    if negatives is not None and len(negatives[0]):
+        rows, negative_text = negatives
+        extra = matcher.score_features(_take_image(image, rows.to(image.pooled.device)), negative_text).itm_logit
+        logits = torch.cat([logits, extra.float()])
+        labels = torch.cat([labels, torch.zeros(len(rows), device=labels.device)])
+    return F.binary_cross_entropy_with_logits(logits, labels)
 
 
 def vse_max_violation(image: torch.Tensor, text: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
@@ -147,7 +160,13 @@ class MatchingLoss(nn.Module):
         self.weights = weights
         self.itc = ContrastiveLoss(init_temperature)
 
-    def forward(self, matcher, image: ImageFeatures, text: TextFeatures) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        matcher,
+        image: ImageFeatures,
+        text: TextFeatures,
+        negatives: tuple[torch.Tensor, TextFeatures] | None = None,
+    ) -> dict[str, torch.Tensor]:
         w = self.weights
         image_emb = F.normalize(image.pooled.float(), dim=-1)  # (B, E)
         text_emb = F.normalize(text.pooled.float(), dim=-1)  # (B, E)
@@ -155,7 +174,8 @@ class MatchingLoss(nn.Module):
         if w.itc:
             terms["itc"] = self.itc(image_emb, text_emb)
         if w.itm:
-            terms["itm"] = itm_loss(matcher, image, text, self.itc.scale().detach() * image_emb @ text_emb.T)
+            similarity = self.itc.scale().detach() * image_emb @ text_emb.T
+            terms["itm"] = itm_loss(matcher, image, text, similarity, negatives)
         if w.vse:
             terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin)
         total = sum(getattr(w, name) * value for name, value in terms.items())

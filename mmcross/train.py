@@ -193,10 +193,14 @@ class TrainModule(nn.Module):
         ids: torch.Tensor | None,
         image: ImageFeatures | None = None,
         text: TextFeatures | None = None,
+        negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         image = image if image is not None else self.matcher.encode_image(pixels)
         text = text if text is not None else self.matcher.encode_text(ids)
-        return self.loss(self.matcher, image, text)
+        negative_text = None
+        if negatives is not None and len(negatives[0]):
+            negative_text = (negatives[0], self.matcher.encode_text(negatives[1]))  # (rows, their false captions)
+        return self.loss(self.matcher, image, text, negative_text)
 
 
 def param_groups(module: TrainModule, cfg: TrainCfg) -> list[dict[str, Any]]:
@@ -376,6 +380,13 @@ def fit(
         raise ValueError("train.feature_cache needs train.trainable=fusion (frozen encoders)")
     if cfg.batch_size < 2:
         raise ValueError("train.batch_size must be at least 2 (in-batch negatives)")
+    if cfg.dataset_negatives and cfg.feature_cache:
+        raise ValueError("train.dataset_negatives is not supported with train.feature_cache")
+    negative_of: dict[str, dict[str, str]] = {}
+    if cfg.dataset_negatives:
+        from mmcross.data.synth import read_negatives
+
+        negative_of = read_negatives(cfg.data)
     start_time = time.perf_counter()
     rank, size, device = _setup_distributed(cfg.device)
     run_dir = Path(run_dir)
@@ -444,6 +455,7 @@ def fit(
                     ImageFeatures(cache.images.pooled[idx.to(dev)], cache.images.tokens[idx.to(dev)]),
                     _raw_text(cache.texts, cap),
                     len(idx),
+                    None,
                 )
                 m += 1
         total = (cfg.max_steps - step) * cfg.accum_steps
@@ -459,10 +471,19 @@ def fit(
         )
         for batch, caption_of in loader:
             if batch.pixels is None:
-                yield None, None, 0
+                yield None, None, 0, None
                 continue
             captions = [r.captions[caption_of[i]] for i, r in zip(batch.indices, batch.records)]
-            yield batch.pixels, matcher.tokenize(captions), len(captions)
+            negatives = None
+            if negative_of:
+                pairs = [
+                    (row, negative_of[r.image_id][c])
+                    for row, (r, c) in enumerate(zip(batch.records, captions))
+                    if c in negative_of.get(r.image_id, {})
+                ]
+                rows = torch.tensor([row for row, _ in pairs], dtype=torch.long)
+                negatives = (rows, matcher.tokenize([text for _, text in pairs]) if pairs else None)
+            yield batch.pixels, matcher.tokenize(captions), len(captions), negatives
 
     bar = _progress(progress and is_main, cfg.max_steps, step)
     batches = micro_batches(step * cfg.accum_steps)
@@ -476,7 +497,7 @@ def fit(
             torch.manual_seed(_mix(cfg.seed, step, rank, 3))  # dropout and hard negatives of this step
             sums: dict[str, float] = {}
             for a in range(cfg.accum_steps):
-                first, second, n = next(batches)
+                first, second, n, negatives = next(batches)
                 if n < 2:
                     log.warning("skipping a micro-batch with %d usable images", n)
                     continue
@@ -485,7 +506,7 @@ def fit(
                     if cache is not None:
                         out = model(None, None, first, second)
                     else:
-                        out = model(first, second)
+                        out = model(first, second, negatives=negatives)
                 (out["loss"] / cfg.accum_steps).backward()
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.accum_steps

@@ -106,12 +106,22 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, manifest: str, out: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
-    cfg = load_run_cfg(None, {"train.data": manifest, "train.batch_size": "4", "train.max_steps": "2",
-                              "train.log_every": "1", "train.augment": "false", "train.eval_split": "none",
-                              "train.device": "cpu"})
+    cfg = load_run_cfg(
+        None,
+        {
+            "train.data": manifest,
+            "train.batch_size": "4",
+            "train.max_steps": "2",
+            "train.log_every": "1",
+            "train.augment": "false",
+            "train.eval_split": "none",
+            "train.device": "cpu",
+        },
+    )
     result = fit(cfg, out, progress=False)
     import torch.distributed as dist
 
@@ -131,3 +141,28 @@ def test_ddp_two_processes_gloo(shapes, tmp_path):
     mp.spawn(_ddp_worker, args=(str(shapes), str(tmp_path / "ddp"), _free_port()), nprocs=2, join=True)
     log = _log(tmp_path / "ddp")
     assert [e["step"] for e in log] == [1, 2] and all(e["loss"] == e["loss"] for e in log)
+
+
+def test_dataset_negatives_enter_the_itm_loss(tmp_path, monkeypatch):
+    """With train.dataset_negatives, each image's swapped caption is scored as one more ITM negative."""
+    import mmcross.losses as losses
+    from mmcross.data.synth import write_synth
+
+    synth = tmp_path / "synth"
+    write_synth(synth, n_images=30, seed=1, image_size=32)
+    seen = []
+    original = losses.itm_loss
+
+    def spy(matcher, image, text, similarity, negatives=None):
+        seen.append(0 if negatives is None else len(negatives[0]))
+        return original(matcher, image, text, similarity, negatives)
+
+    monkeypatch.setattr(losses, "itm_loss", spy)
+    fit(_run(synth, max_steps=2, dataset_negatives="true"), tmp_path / "with", progress=False)
+    assert len(seen) == 2 and all(n == 8 for n in seen)  # every synth caption has a negative; batch_size 8
+    seen.clear()
+    fit(_run(synth, max_steps=2), tmp_path / "without", progress=False)
+    assert seen == [0, 0]
+    bad = _run(synth, dataset_negatives="true", feature_cache="true", trainable="fusion")
+    with pytest.raises(ValueError, match="negatives"):
+        fit(bad, tmp_path / "bad", progress=False)
