@@ -521,6 +521,9 @@ def eval_(
     workers: int = typer.Option(0, "--workers", "-j", min=0, help="Image decoding processes (0: none)."),
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="Evaluate on the first N images only."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    hard_negatives: bool = typer.Option(
+        False, "--hard-negatives", help="Also: is each caption scored above its swapped negative? (synth manifests)"
+    ),
 ) -> None:
     """Recall@1/5/10 both ways, median rank and rsum: dual encoder, and after fusion re-rank of its top K."""
     from mmcross.config import DataCfg, parse_set_options
@@ -530,7 +533,7 @@ def eval_(
         report = run_eval(
             dataset, DataCfg(format=fmt, split=split), model=model, pretrained=pretrained, checkpoint=checkpoint,
             overrides=parse_set_options(set_ or []), k=rerank, batch_size=batch_size, workers=workers,
-            max_images=max_images, device=device, out=out, html=html,
+            max_images=max_images, device=device, out=out, html=html, hard_negatives=hard_negatives,
         )
     typer.echo(json.dumps(report, indent=2))
 

@@ -184,11 +184,14 @@ def run_eval(
     out: str | Path | None = None,
     html: str | Path | None = None,
     failures: int = 20,
+    hard_negatives: bool = False,
 ) -> dict[str, Any]:
     """`mmcross eval`: load the model the options name, evaluate one split, optionally write the JSON to `out`.
 
     Beside the JSON goes its recall@K curve (`out` with suffix .png); `html` gets a self-contained page of the
-    `failures` worst queries of each direction and what ranked above their true match.
+    `failures` worst queries of each direction and what ranked above their true match. With `hard_negatives`, the
+    report also holds `hard_negatives`: how often each score prefers an image's caption over its swapped negative
+    (`mmcross.hard_negatives`; the dataset must be a manifest with `negatives`, as `mmcross data synth` writes).
     """
     from mmcross.data.registry import open_dataset
     from mmcross.factory import load_matcher, resolve_checkpoint
@@ -213,6 +216,14 @@ def run_eval(
         "k": k,
         **result,
     }
+    if hard_negatives:
+        from mmcross.data.synth import read_holdout, read_negatives
+        from mmcross.hard_negatives import hard_negative_eval
+
+        folder = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent
+        report["hard_negatives"] = hard_negative_eval(
+            matcher, records, read_negatives(dataset), read_holdout(folder), batch_size=batch_size
+        )
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

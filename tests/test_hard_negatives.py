@@ -41,3 +41,19 @@ def test_dataset_without_negatives_is_a_clear_error(synth):
     records = list(open_dataset(synth, DataCfg(split="test")).records())
     with pytest.raises(ValueError, match="hard negatives"):
         hard_negative_eval(create_matcher("tiny"), records, {})
+
+
+def test_eval_cli_reports_hard_negatives(synth, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "eval.json"
+    args = ["eval", str(synth), "--model", "tiny", "--split", "test", "--hard-negatives", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["hard_negatives"]["pairs"] == report["captions"]  # every synth caption has its negative
+    assert "heldout_hard_negative_accuracy_score" in report["hard_negatives"]
