@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install test test-slow lint bench screenshot
+.PHONY: help install demo test test-slow lint bench screenshot
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -c "import torch, torchvision.ops, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__)"
 	touch $(STAMP)
+
+demo: install  ## The whole tool offline in minutes: synth data, train, index, search, eval, gallery, heat map
+	bash scripts/demo.sh
 
 test: install  ## Fast tests (tiny random-init models, generated data)
 	$(PY) -m pytest -q
