@@ -12,9 +12,15 @@ import time
 
 import torch
 
-from benchmarks import bench_index, bench_loader, bench_rerank, bench_text
+from benchmarks import bench_index, bench_loader, bench_rerank, bench_score, bench_text
 
-BENCHES = {"index": bench_index.run, "loader": bench_loader.run, "rerank": bench_rerank.run, "text": bench_text.run}
+BENCHES = {
+    "index": bench_index.run,
+    "loader": bench_loader.run,
+    "rerank": bench_rerank.run,
+    "score": bench_score.run,
+    "text": bench_text.run,
+}
 
 
 def main() -> None:
