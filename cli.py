@@ -531,9 +531,20 @@ def eval_(
 
     with user_errors():
         report = run_eval(
-            dataset, DataCfg(format=fmt, split=split), model=model, pretrained=pretrained, checkpoint=checkpoint,
-            overrides=parse_set_options(set_ or []), k=rerank, batch_size=batch_size, workers=workers,
-            max_images=max_images, device=device, out=out, html=html, hard_negatives=hard_negatives,
+            dataset,
+            DataCfg(format=fmt, split=split),
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            overrides=parse_set_options(set_ or []),
+            k=rerank,
+            batch_size=batch_size,
+            workers=workers,
+            max_images=max_images,
+            device=device,
+            out=out,
+            html=html,
+            hard_negatives=hard_negatives,
         )
     typer.echo(json.dumps(report, indent=2))
 

@@ -57,8 +57,9 @@ def test_evaluate_matches_naive_loop(tiny_cfg, uneven):
     pixels = torch.stack([matcher.image_encoder.preprocess(Image.open(r.path).convert("RGB")) for r in uneven])
     with torch.no_grad():
         itc = matcher.embed_image(pixels) @ matcher.embed_text(captions).T
-        full = torch.stack([matcher.match(pixels[i : i + 1].expand(len(captions), -1, -1, -1), captions).score
-                            for i in range(7)])
+        full = torch.stack(
+            [matcher.match(pixels[i : i + 1].expand(len(captions), -1, -1, -1), captions).score for i in range(7)]
+        )
     for key, value in _naive(lambda i, j: float(itc[i, j]), caption_image, 7).items():
         assert result["metrics"][key] == pytest.approx(value, abs=1e-6), key
     # t2i re-ranks each caption's 7 images = all; i2t re-ranks each image's top 7 of 23 captions only
