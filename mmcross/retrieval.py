@@ -248,24 +248,3 @@ def search_index(
     check_fingerprint(index, model_fingerprint(matcher), model_name)
     retriever = Retriever(index, matcher, backend=backend, nprobe=nprobe)
     return [(q, retriever.search(q, target=target, k=k, rerank=rerank)) for q in queries]
-
-
-def hits_html(results: list[tuple[Query, list[Hit]]]) -> str:
-    """A small self-contained HTML page of the results (images referenced by file path)."""
-    from html import escape
-
-    parts = [
-        "<!doctype html><meta charset=utf-8><title>mmcross search</title>",
-        "<style>td{vertical-align:top}</style>",
-    ]
-    for query, hits in results:
-        parts.append(f"<h2>{escape(query.label)}</h2><table><tr>")
-        for h in hits:
-            img = f"<img src='file://{escape(h.path or '')}' width=160><br>" if h.path else ""
-            itm = "" if h.itm is None else f" itm {h.itm:.3f}"
-            parts.append(
-                f"<td>{img}#{h.rank} score {h.score:.3f} itc {h.itc:.3f}{itm}<br>{escape(h.image_id)}<br>"
-                f"{escape(h.caption or '')}</td>"
-            )
-        parts.append("</tr></table>")
-    return "\n".join(parts)
