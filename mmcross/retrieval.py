@@ -156,39 +156,23 @@ class Retriever:
         raise ValueError("re-ranking scores image-caption pairs: a caption query re-ranks --target images")
 
     def _hits(self, target, rows, score, itc, itm) -> list[Hit]:
-        hits = []
-        if target == "images":
-            meta = self.index.metadata.take(pa_indices(rows)).to_pylist()
-            for i, (row, m) in enumerate(zip(rows, meta)):
-                hits.append(
-                    Hit(
-                        i + 1,
-                        int(row),
-                        float(score[i]),
-                        float(itc[i]),
-                        _opt(itm, i),
-                        m["image_id"],
-                        m["caption"],
-                        m["path"],
-                    )
-                )
-            return hits
-        meta = self.index.text_metadata.take(pa_indices(rows)).to_pylist()
-        paths = self._image_paths()
-        for i, (row, m) in enumerate(zip(rows, meta)):
-            hits.append(
-                Hit(
-                    i + 1,
-                    int(row),
-                    float(score[i]),
-                    float(itc[i]),
-                    _opt(itm, i),
-                    m["image_id"],
-                    m["caption"],
-                    paths.get(m["image_id"]),
-                )
+        table = self.index.metadata if target == "images" else self.index.text_metadata
+        meta = table.take(pa_indices(rows)).to_pylist()
+        # Image rows carry their path; caption rows name their image, whose path the image metadata holds.
+        paths = None if target == "images" else self._image_paths()
+        return [
+            Hit(
+                i + 1,
+                int(row),
+                float(score[i]),
+                float(itc[i]),
+                _opt(itm, i),
+                m["image_id"],
+                m["caption"],
+                m["path"] if paths is None else paths.get(m["image_id"]),
             )
-        return hits
+            for i, (row, m) in enumerate(zip(rows, meta))
+        ]
 
     def _image_paths(self) -> dict[str, str]:
         if not hasattr(self, "_paths"):
