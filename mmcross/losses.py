@@ -102,7 +102,7 @@ def itm_loss(
     image: ImageFeatures,
     text: TextFeatures,
     similarity: torch.Tensor,
-    negatives: tuple[torch.Tensor, TextFeatures] | None = None,
+    pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`).
 
@@ -111,8 +111,10 @@ def itm_loss(
         image: encoder outputs of the B images.
         text: encoder outputs of the B captions (caption i describes image i).
         similarity: (B, B) ITC logits used to draw the negatives.
-        negatives: the dataset's own hard negatives, (rows (N,), captions): caption j is false for image rows[j]
-            (e.g. the attribute-swapped captions of `mmcross data synth`); added to the BCE as N more negatives.
+        pairs: more labelled pairs from the dataset, (rows (N,), captions, labels (N,)): caption j is scored with
+            image rows[j] and labelled labels[j] (1 = true). `fit` passes every other caption of each image as a
+            positive and each caption's own hard negative (the attribute-swapped captions of `mmcross data synth`)
+            as a negative; both enter the same BCE.
     """
     b = similarity.shape[0]
     if b < 2:
@@ -123,11 +125,11 @@ def itm_loss(
     text_idx = torch.cat([rows, neg_text, rows])  # (3B,)
     logits = matcher.score_features(_take_image(image, image_idx), _take_text(text, text_idx)).itm_logit.float()
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
-    if negatives is not None and len(negatives[0]):
-        rows, negative_text = negatives
-        extra = matcher.score_features(_take_image(image, rows.to(image.pooled.device)), negative_text).itm_logit
+    if pairs is not None and len(pairs[0]):
+        rows, pair_text, pair_labels = pairs
+        extra = matcher.score_features(_take_image(image, rows.to(image.pooled.device)), pair_text).itm_logit
         logits = torch.cat([logits, extra.float()])
-        labels = torch.cat([labels, torch.zeros(len(rows), device=labels.device)])
+        labels = torch.cat([labels, pair_labels.to(labels)])
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
@@ -165,7 +167,7 @@ class MatchingLoss(nn.Module):
         matcher,
         image: ImageFeatures,
         text: TextFeatures,
-        negatives: tuple[torch.Tensor, TextFeatures] | None = None,
+        pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         w = self.weights
         image_emb = F.normalize(image.pooled.float(), dim=-1)  # (B, E)
@@ -175,7 +177,7 @@ class MatchingLoss(nn.Module):
             terms["itc"] = self.itc(image_emb, text_emb)
         if w.itm:
             similarity = self.itc.scale().detach() * image_emb @ text_emb.T
-            terms["itm"] = itm_loss(matcher, image, text, similarity, negatives)
+            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs)
         if w.vse:
             terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin)
         total = sum(getattr(w, name) * value for name, value in terms.items())

@@ -144,25 +144,36 @@ def test_ddp_two_processes_gloo(shapes, tmp_path):
 
 
 def test_dataset_negatives_enter_the_itm_loss(tmp_path, monkeypatch):
-    """With train.dataset_negatives, each image's swapped caption is scored as one more ITM negative."""
+    """With train.dataset_negatives, every caption of each image (label 1) and its swapped negative (label 0) are
+    scored as extra ITM pairs; the caption drawn for ITC is not repeated."""
     import mmcross.losses as losses
-    from mmcross.data.synth import write_synth
+    from mmcross.data.synth import read_negatives, write_synth
 
     synth = tmp_path / "synth"
     write_synth(synth, n_images=30, seed=1, image_size=32)
+    negative_of = read_negatives(synth)
     seen = []
     original = losses.itm_loss
 
-    def spy(matcher, image, text, similarity, negatives=None):
-        seen.append(0 if negatives is None else len(negatives[0]))
-        return original(matcher, image, text, similarity, negatives)
+    def spy(matcher, image, text, similarity, pairs=None):
+        seen.append(None if pairs is None else pairs)
+        return original(matcher, image, text, similarity, pairs)
 
     monkeypatch.setattr(losses, "itm_loss", spy)
     fit(_run(synth, max_steps=2, dataset_negatives="true"), tmp_path / "with", progress=False)
-    assert len(seen) == 2 and all(n == 8 for n in seen)  # every synth caption has a negative; batch_size 8
+    assert len(seen) == 2
+    for rows, _, labels in seen:
+        assert len(rows) == len(labels) and set(rows.tolist()) == set(range(8))  # batch_size 8: every image
+        for row in range(8):
+            mine = labels[rows == row]
+            # n captions, each with a negative: n - 1 more positives (the drawn one is the ITM's own) and n negatives
+            n = int((mine == 0).sum())
+            assert n >= 1 and int((mine == 1).sum()) == n - 1
+    total_pairs = sum(len(v) for v in negative_of.values())
+    assert all(len(rows) <= 2 * total_pairs for rows, _, _ in seen)
     seen.clear()
     fit(_run(synth, max_steps=2), tmp_path / "without", progress=False)
-    assert seen == [0, 0]
+    assert seen == [None, None]
     bad = _run(synth, dataset_negatives="true", feature_cache="true", trainable="fusion")
     with pytest.raises(ValueError, match="negatives"):
         fit(bad, tmp_path / "bad", progress=False)
