@@ -39,6 +39,7 @@ class FusionCfg:
     dim_head: int = 64  # width of one head
     mlp_ratio: float = 4.0  # feed-forward width as a multiple of `dim`
     dropout: float = 0.0  # dropout in attention and feed-forward layers
+    grid_positions: bool = False  # add fixed 2D sin-cos positions to the image tokens (needs a square patch grid)
     seed: int = 0  # initialisation seed of the fusion block and match head (same config -> same weights)
 
 
@@ -95,7 +96,8 @@ class TrainCfg:
     itc_weight: float = 1.0  # weight of the InfoNCE image-text contrastive loss
     itm_weight: float = 1.0  # weight of the ITM loss (BCE on positives + ITC-sampled hard negatives)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off
-    dataset_negatives: bool = False  # ITM also on the data's own hard negatives (`negatives` of a JSONL manifest)
+    dataset_negatives: bool = False  # ITM also on every caption of each image and its own hard negative (the
+    # `negatives` column of a JSONL manifest, e.g. `mmcross data synth`'s attribute-swapped captions)
     vse_margin: float = 0.2  # margin of the VSE++ loss
     init_temperature: float = 0.07  # initial ITC temperature (learned, as log(1/T), clamped to T >= 0.01)
     seed: int = 0  # data order, augmentation, hard-negative sampling, dropout

@@ -203,7 +203,7 @@ class Matcher(nn.Module):
     # ---- fusion path -------------------------------------------------------------------------------------------
 
     def _scores(self, itc: torch.Tensor, pooled: torch.Tensor, out_attention, text_mask) -> Scores:
-        logit = self.head(pooled)  # (B,)
+        logit = self.head(pooled, itc)  # (B,)
         itm = torch.sigmoid(logit)
         return Scores(itc, logit, itm, itm + self.cfg.itc_weight * itc, out_attention, text_mask)
 

@@ -101,7 +101,11 @@ def ref_pair(fusion: Fusion, head: MatchHead, image, text):
         for block in fusion.cross_layers:
             txt, weights = ref_block(block, txt, context=img)
             maps.append(weights)
-    pooled = torch.cat([ref_layer_norm(img, fusion.norm_image).mean(0), ref_layer_norm(txt, fusion.norm_text).mean(0)])
+    pooled_img, pooled_txt = (
+        ref_layer_norm(img, fusion.norm_image).mean(0),
+        ref_layer_norm(txt, fusion.norm_text).mean(0),
+    )
+    pooled = torch.cat([pooled_img, pooled_txt, pooled_img * pooled_txt])
     ln, lin1, _, _, lin2 = head.net
     logit = ref_linear(ref_gelu(ref_linear(ref_layer_norm(pooled, ln), lin1)), lin2)[0]
     return logit, maps
@@ -190,3 +194,56 @@ def test_unknown_variant_and_kv_of_joint_variant_are_errors():
     fusion, _ = make_fusion("joint")
     with pytest.raises(ValueError, match="text_to_image"):
         fusion.image_kv(torch.zeros(1, P, 16))
+
+
+def test_grid_positions_are_sin_cos_of_column_and_row():
+    """grid_positions(P=9, D=8): channels 0-3 encode the column, 4-7 the row, as sin/cos of geometric frequencies."""
+    from mmcross.fusion import grid_positions
+
+    pos = grid_positions(9, 8)  # (P, D), row-major 3x3 grid
+    for index in range(9):
+        row, col = divmod(index, 3)
+        expected = []
+        for coord in (col, row):
+            freqs = [1.0 / 10000 ** (i / 2) for i in range(2)]
+            expected += [math.sin(coord * f) for f in freqs] + [math.cos(coord * f) for f in freqs]
+        assert torch.allclose(pos[index], torch.tensor(expected), atol=1e-6)
+    assert len({tuple(row.tolist()) for row in pos}) == 9  # every patch has its own position
+    with pytest.raises(ValueError, match="square grid"):
+        grid_positions(5, 8)
+
+
+def test_grid_positions_change_scores_but_keep_padding_invariance():
+    cfg = FusionCfg(variant="text_to_image", dim=16, heads=2, dim_head=8, mlp_ratio=2.0, grid_positions=True)
+    torch.manual_seed(0)
+    fusion = Fusion(cfg, DV, DT).eval()
+    torch.manual_seed(0)
+    plain = Fusion(FusionCfg(**{**cfg.__dict__, "grid_positions": False}), DV, DT).eval()
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 4, DV, generator=g)  # a 2x2 grid
+    text = torch.randn(2, 6, DT, generator=g)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    with torch.no_grad():
+        out = fusion(image, text, mask).pooled
+        assert not torch.allclose(out, plain(image, text, mask).pooled)
+        padded = fusion(
+            image,
+            torch.cat([text, torch.randn(2, 3, DT)], 1),
+            torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
+        )
+        assert torch.allclose(out, padded.pooled, atol=1e-5)
+
+
+def test_match_head_adds_the_dual_encoder_cosine_with_a_learned_gain():
+    from mmcross.fusion import ITC_GAIN_UNIT
+
+    torch.manual_seed(0)
+    head = MatchHead(8).eval()
+    pooled, itc = torch.randn(4, 16), torch.tensor([0.9, 0.1, -0.3, 0.5])
+    with torch.no_grad():
+        assert torch.equal(head(pooled, itc), head(pooled))  # the gain starts at 0
+        head.itc_gain.fill_(0.5)
+        assert torch.allclose(head(pooled, itc), head(pooled) + ITC_GAIN_UNIT * 0.5 * itc, atol=1e-6)
+    image, text = pooled.chunk(2, dim=-1)
+    widened = torch.cat([image, text, image * text], dim=-1)  # what the MLP sees: both sides and their product
+    assert torch.allclose(head(pooled), head.net(widened).squeeze(-1))
