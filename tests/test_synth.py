@@ -79,3 +79,21 @@ def test_data_synth_cli_writes_a_manifest_every_reader_takes(tmp_path):
     assert all((again / "images" / p.name).read_bytes() == p.read_bytes() for p in (out / "images").iterdir())
     refused = CliRunner().invoke(app, ["data", "synth", str(out)])
     assert refused.exit_code == 2 and "already holds" in refused.output
+
+
+def test_one_object_negatives_borrow_a_colour_from_the_scene_when_they_can():
+    """ "a blue square" against a scene with a red square and a blue circle: false only through binding."""
+    items = generate(300, seed=5)
+    bound = borrowable = 0
+    for item in items:
+        colours = {t.colour for t in item.objects}
+        for caption, negative in zip(item.captions, item.negatives):
+            parsed = _parse(negative)
+            if parsed[0] != "one":
+                continue
+            candidates = {c for c in colours if not _holds(item.objects, ("one", c, parsed[2]))}
+            if candidates:
+                borrowable += 1
+                bound += parsed[1] in candidates
+    assert borrowable > 20 and bound == borrowable
+    assert sum(_parse(c)[0] == "one" for i in items for c in i.captions) >= len(items) * 0.9  # one per image

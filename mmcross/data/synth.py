@@ -131,7 +131,10 @@ def _negative(objects: list[Thing], caption: tuple, rng: random.Random, banned: 
     """
     if caption[0] == "one":
         colours = [c for c in COLOURS if not _holds(objects, ("one", c, caption[2])) and (c, caption[2]) not in banned]
-        return ("one", rng.choice(colours), caption[2]) if colours else None
+        # Prefer a colour that another object of the scene has: "a blue square" for a scene with a red square and a
+        # blue circle is false only because of how colour and shape are bound; an absent colour is a bag-of-words test.
+        bound = [c for c in colours if any(t.colour == c for t in objects)]
+        return ("one", rng.choice(bound or colours), caption[2]) if colours else None
     _, (ca, sa), relation, (cb, sb) = caption
     options = [
         ("rel", (cb, sa), relation, (ca, sb)),  # colours swapped between the two objects
@@ -164,7 +167,9 @@ def _captions(objects: list[Thing], rng: random.Random, per_image: int) -> list[
                 candidates += [("rel", (a.colour, a.shape), r, (b.colour, b.shape)) for r in _relations(a, b)]
     rng.shuffle(candidates)
     relational = [c for c in candidates if c[0] == "rel"]
-    ordered = relational + [c for c in candidates if c[0] == "one"]  # relations first: they are the hard part
+    single = [c for c in candidates if c[0] == "one"]
+    # One object caption (colour-shape binding), then relations (the hard part), then the other objects.
+    ordered = single[:1] + relational + single[1:]
     return ordered[:per_image]
 
 
