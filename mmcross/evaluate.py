@@ -217,12 +217,13 @@ def run_eval(
         **result,
     }
     if hard_negatives:
-        from mmcross.data.synth import read_holdout, read_negatives
+        from mmcross.data.synth import SYNTH_PARAMS, negative_kind, read_holdout, read_negatives
         from mmcross.hard_negatives import hard_negative_eval
 
         folder = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent
+        kind_of = negative_kind if (folder / SYNTH_PARAMS).is_file() else None  # the synth grammar is known
         report["hard_negatives"] = hard_negative_eval(
-            matcher, records, read_negatives(dataset), read_holdout(folder), batch_size=batch_size
+            matcher, records, read_negatives(dataset), read_holdout(folder), batch_size=batch_size, kind_of=kind_of
         )
     if out is not None:
         out = Path(out)

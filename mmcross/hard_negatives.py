@@ -8,7 +8,7 @@ combination (compositional generalisation). Chance is 0.5.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,7 +26,8 @@ def hard_negative_eval(
     negatives: dict[str, dict[str, str]],
     holdout: Sequence[str] = (),
     batch_size: int = 64,
-) -> dict[str, float | int]:
+    kind_of: Callable[[str, str], str] | None = None,
+) -> dict:
     """Accuracy of true caption over swapped negative, per score kind, overall and on held-out combinations.
 
     Args:
@@ -35,13 +36,17 @@ def hard_negative_eval(
         negatives: image_id -> {caption: negative} (`mmcross.data.synth.read_negatives`).
         holdout: "colour shape" combinations held out of training; pairs whose caption names one form the subset.
         batch_size: images per forward pass.
+        kind_of: (caption, negative) -> what the negative changed (`mmcross.data.synth.negative_kind`); when given,
+            the accuracies are also reported per kind.
 
     Returns:
-        `pairs`, `hard_negative_accuracy_{itc,itm,score}`, and the same with `heldout_` prefixed plus `heldout_pairs`.
+        `pairs`, `hard_negative_accuracy_{itc,itm,score}`, and the same with `heldout_` prefixed plus `heldout_pairs`;
+        with `kind_of`, `by_kind` and `heldout_by_kind`: {kind: {"pairs", "itc", "itm", "score"}}.
     """
     matcher.eval()
     correct = {kind: [] for kind in KINDS}
     heldout: list[bool] = []
+    kinds: list[str] = []
     loader = image_loader(list(records), matcher.image_encoder.preprocess, batch_size=batch_size)
     for batch in loader:
         if batch.pixels is None:
@@ -54,6 +59,7 @@ def hard_negative_eval(
                 trues.append(caption)
                 falses.append(negative)
                 heldout.append(any(combo in caption for combo in holdout))
+                kinds.append(kind_of(caption, negative) if kind_of else "")
         if not rows:
             continue
         index = torch.tensor(rows, device=matcher.device)
@@ -71,4 +77,14 @@ def hard_negative_eval(
         result[f"hard_negative_accuracy_{kind}"] = float(hits.mean())
         if mask.any():
             result[f"heldout_hard_negative_accuracy_{kind}"] = float(hits[mask].mean())
+    if kind_of:
+        for prefix, subset in (("", torch.ones_like(mask)), ("heldout_", mask)):
+            table = {}
+            for name in sorted(set(kinds)):
+                rows = torch.tensor([k == name for k in kinds]) & subset
+                if rows.any():
+                    table[name] = {"pairs": int(rows.sum())} | {
+                        kind: float(torch.tensor(correct[kind], dtype=torch.float)[rows].mean()) for kind in KINDS
+                    }
+            result[f"{prefix}by_kind"] = table
     return result

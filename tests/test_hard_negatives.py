@@ -56,4 +56,24 @@ def test_eval_cli_reports_hard_negatives(synth, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["hard_negatives"]["pairs"] == report["captions"]  # every synth caption has its negative
-    assert "heldout_hard_negative_accuracy_score" in report["hard_negatives"]
+    hard = report["hard_negatives"]
+    assert "heldout_hard_negative_accuracy_score" in hard
+    by_kind = hard["by_kind"]  # the synth grammar is known, so accuracies are split by what each negative changed
+    assert (
+        set(by_kind) <= {"colour", "attributes", "arguments"}
+        and sum(v["pairs"] for v in by_kind.values()) == (hard["pairs"])
+    )
+    for kind in ("itc", "itm", "score"):  # the per-kind accuracies average back to the overall one
+        mean = sum(v[kind] * v["pairs"] for v in by_kind.values()) / hard["pairs"]
+        assert mean == pytest.approx(hard[f"hard_negative_accuracy_{kind}"])
+    assert sum(v["pairs"] for v in hard["heldout_by_kind"].values()) == hard["heldout_pairs"]
+
+
+def test_negative_kind_names_what_the_negative_changed():
+    from mmcross.data.synth import negative_kind
+
+    caption = "a red circle left of a blue square"
+    assert negative_kind(caption, "a blue circle left of a red square") == "attributes"
+    assert negative_kind(caption, "a blue square left of a red circle") == "arguments"
+    assert negative_kind("a red circle", "a green circle") == "colour"
+    assert negative_kind("a dog", "a cat on a mat") == "other"

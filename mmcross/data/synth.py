@@ -271,6 +271,19 @@ def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
     return negatives
 
 
+def negative_kind(caption: str, negative: str) -> str:
+    """What a synth negative changed: "colour" (one object, another colour), "attributes" (the two objects' colours
+    swapped, relation kept) or "arguments" (the relation's two objects swapped); "other" for text not in the grammar.
+    """
+    a, b = caption.split(), negative.split()
+    if len(a) == len(b) == 3:
+        return "colour"
+    if len(a) != len(b) or len(a) < 7:
+        return "other"
+    # "a C1 S1 REL a C2 S2": the shapes stay in place when only the colours moved
+    return "attributes" if (a[2], a[-1]) == (b[2], b[-1]) else "arguments"
+
+
 def read_holdout(dataset: str | Path) -> list[str]:
     """The held-out combinations a synth folder was generated with ([] when it has no synth.json)."""
     params = Path(dataset) / SYNTH_PARAMS
