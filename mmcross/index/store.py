@@ -87,7 +87,7 @@ def model_fingerprint(module: torch.nn.Module) -> str:
         t = tensor.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()[:16]
 
 
