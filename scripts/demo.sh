@@ -8,7 +8,7 @@ OUT=${DEMO_OUT:-demo-out}
 rm -rf "$OUT"
 
 echo "== 1/6 synthetic shapes (\"red circle\" held out of training)"
-$MM data synth "$OUT/synth" --n-images 2000 --seed 0 --holdout "red circle"
+$MM data synth "$OUT/synth" --n-images 4000 --seed 0 --image-size 48 --holdout "red circle"
 
 echo "== 2/6 train the tiny preset (ITC + ITM with in-batch and swapped-caption hard negatives)"
 $MM train --config configs/demo-synth.yaml --out "$OUT/run" --set train.data="$OUT/synth" --no-progress > "$OUT/train.json"
@@ -33,12 +33,15 @@ print(f"test split: {r['images']} images, {r['captions']} captions")
 print(f"{'':34}{'dual encoder':>14}{'fusion re-rank':>16}")
 for key in ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1", "rsum"):
     print(f"{key:34}{d[key]:>14.3f}{f[key]:>16.3f}")
-print(f"caption preferred over its swapped negative ({h['pairs']} pairs; chance 0.5):")
-print(f"  all pairs           itc {h['hard_negative_accuracy_itc']:.3f}   score {h['hard_negative_accuracy_score']:.3f}"
-      f"   itm {h['hard_negative_accuracy_itm']:.3f}")
-if "heldout_hard_negative_accuracy_itc" in h:
-    print(f"  held-out 'red circle' ({h['heldout_pairs']} pairs) itc {h['heldout_hard_negative_accuracy_itc']:.3f}"
-          f"   score {h['heldout_hard_negative_accuracy_score']:.3f}   itm {h['heldout_hard_negative_accuracy_itm']:.3f}")
+print(f"{'caption over its swapped negative (chance 0.5)':48}{'dual (itc)':>12}{'fusion (itm)':>14}{'score':>8}")
+rows = [("all pairs", h["pairs"], "", h)]
+rows += [(f"  {kind}", v["pairs"], "", v) for kind, v in h.get("by_kind", {}).items()]
+if h.get("heldout_pairs"):
+    rows.append(("held-out 'red circle'", h["heldout_pairs"], "heldout_", h))
+    rows += [(f"  {kind}", v["pairs"], "", v) for kind, v in h.get("heldout_by_kind", {}).items()]
+for name, pairs, prefix, src in rows:
+    get = (lambda k: src[f"{prefix}hard_negative_accuracy_{k}"]) if src is h else (lambda k: src[k])
+    print(f"  {name:34}{pairs:>6} pairs{get('itc'):>12.3f}{get('itm'):>14.3f}{get('score'):>8.3f}")
 PY
 
 echo "== 6/6 attention heat map"
