@@ -9,6 +9,10 @@ G = B * world, the batch gathered from every process; E embedding size.
 - ITM (ALBEF, BLIP): the fusion head sees the B positive pairs, plus for every image one caption and for every
   caption one image drawn from the batch with probability softmax(ITC similarity) (the true partner excluded): hard
   negatives. Binary cross-entropy on the head's logit (1 = match).
+- Known positives: a caption can be true of more than one image of a batch (COCO repeats captions word for word; the
+  synthetic set's "a red square" fits every scene with a red square). `known` (B, B), True where caption j is one
+  of image i's own captions, takes such pairs out of ITC's negatives and out of the ITM's negative draw: otherwise the
+  hard-negative sampler, which prefers captions that fit the image, would label exactly those pairs "no match".
 - VSE++ (Faghri et al.; MMCA): hinge on the hardest in-batch negative of each image and of each caption.
 """
 
@@ -58,35 +62,62 @@ class ContrastiveLoss(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Loss of B aligned L2-normalised embeddings (B, E) per process, negatives from every process."""
+    def forward(self, image: torch.Tensor, text: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of B aligned L2-normalised embeddings (B, E) per process, negatives from every process.
+
+        `known` (B, B): True where local caption j also describes local image i (off the diagonal); those pairs are
+        left out of the negatives. Other processes' captions are not checked.
+        """
         rank, _ = world()
+        b = image.shape[0]
         all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # (G, E)
         scale = self.scale()
         logits_i2t = scale * image @ all_text.T  # (B, G)
         logits_t2i = scale * text @ all_image.T  # (B, G)
-        labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]  # (B,)
+        if known is not None:
+            known = _off_diagonal(known.to(image.device))
+            for_images, for_texts = (
+                torch.zeros_like(logits_i2t, dtype=torch.bool),
+                torch.zeros_like(logits_i2t, dtype=torch.bool),
+            )  # (B, G)
+            for_images[:, rank * b : (rank + 1) * b] = known  # image i, caption j
+            for_texts[:, rank * b : (rank + 1) * b] = known.T  # caption j, image i
+            logits_i2t = logits_i2t.masked_fill(for_images, float("-inf"))
+            logits_t2i = logits_t2i.masked_fill(for_texts, float("-inf"))
+        labels = torch.arange(b, device=image.device) + rank * b  # (B,)
         return (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
 
 
-def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> tuple:
+def _off_diagonal(known: torch.Tensor) -> torch.Tensor:
+    return known & ~torch.eye(known.shape[0], dtype=torch.bool, device=known.device)
+
+
+def sample_hard_negatives(
+    similarity: torch.Tensor, generator: torch.Generator | None = None, known: torch.Tensor | None = None
+) -> tuple:
     """For each image a negative caption and for each caption a negative image, drawn by softmax(similarity).
 
     Args:
         similarity: (B, B) image x caption logits of the local batch (diagonal = positives).
         generator: random source; None = torch's global RNG.
+        known: (B, B) bool, True where caption j is known to describe image i too; never drawn.
 
     Returns:
-        (negative caption per image (B,), negative image per caption (B,)), indices into the batch.
+        (negative caption per image (B,), negative image per caption (B,)), indices into the batch; -1 where every
+        other item of the batch is known to match.
     """
     with torch.no_grad():
         sim = similarity.float()
-        eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-        w_i2t = F.softmax(sim, dim=1).masked_fill(eye, 0) + 1e-12 * (~eye)  # (B, B), never the positive
-        w_t2i = F.softmax(sim.T, dim=1).masked_fill(eye, 0) + 1e-12 * (~eye)
-        neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)  # (B,)
-        neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)  # (B,)
-    return neg_text, neg_image
+        allowed = ~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)  # never the positive
+        if known is not None:
+            allowed &= ~known.to(allowed.device)
+        picks = []
+        for weights, ok in ((F.softmax(sim, dim=1), allowed), (F.softmax(sim.T, dim=1), allowed.T)):
+            weights = weights.masked_fill(~ok, 0) + 1e-12 * ok  # (B, B), zero exactly where not allowed
+            has_any = ok.any(dim=1)  # (B,)
+            pick = torch.multinomial(weights + (~has_any)[:, None].float(), 1, generator=generator).squeeze(1)
+            picks.append(pick.masked_fill(~has_any, -1))  # (B,)
+    return picks[0], picks[1]
 
 
 def _take_image(feats: ImageFeatures, index: torch.Tensor) -> ImageFeatures:
@@ -103,6 +134,7 @@ def itm_loss(
     text: TextFeatures,
     similarity: torch.Tensor,
     pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`).
 
@@ -115,16 +147,19 @@ def itm_loss(
             image rows[j] and labelled labels[j] (1 = true). `fit` passes every other caption of each image as a
             positive and each caption's own hard negative (the attribute-swapped captions of `mmcross data synth`)
             as a negative; both enter the same BCE.
+        known: (B, B) bool, True where caption j also describes image i: never drawn as a negative.
     """
     b = similarity.shape[0]
     if b < 2:
         raise ValueError("ITM hard negatives need at least 2 images per batch")
-    neg_text, neg_image = sample_hard_negatives(similarity)
+    neg_text, neg_image = sample_hard_negatives(similarity, known=known)
     rows = torch.arange(b, device=neg_text.device)
-    image_idx = torch.cat([rows, rows, neg_image])  # (3B,) positives, image + negative caption, negative image
-    text_idx = torch.cat([rows, neg_text, rows])  # (3B,)
+    has_text, has_image = neg_text >= 0, neg_image >= 0  # (B,) a negative could be drawn
+    # positives, image + negative caption, negative image + caption
+    image_idx = torch.cat([rows, rows[has_text], neg_image[has_image]])
+    text_idx = torch.cat([rows, neg_text[has_text], rows[has_image]])
     logits = matcher.score_features(_take_image(image, image_idx), _take_text(text, text_idx)).itm_logit.float()
-    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
+    labels = torch.cat([torch.ones(b), torch.zeros(len(image_idx) - b)]).to(logits.device)
     if pairs is not None and len(pairs[0]):
         rows, pair_text, pair_labels = pairs
         extra = matcher.score_features(_take_image(image, rows.to(image.pooled.device)), pair_text).itm_logit
@@ -133,13 +168,20 @@ def itm_loss(
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
-def vse_max_violation(image: torch.Tensor, text: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
-    """VSE++ triplet loss with the hardest in-batch negatives, for aligned L2-normalised (B, E) embeddings."""
+def vse_max_violation(
+    image: torch.Tensor, text: torch.Tensor, margin: float = 0.2, known: torch.Tensor | None = None
+) -> torch.Tensor:
+    """VSE++ triplet loss with the hardest in-batch negatives, for aligned L2-normalised (B, E) embeddings.
+
+    `known` (B, B): True where caption j also describes image i; such pairs are not negatives.
+    """
     sim = image.float() @ text.float().T  # (B, B)
     pos = sim.diag()  # (B,)
-    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-    cost_text = (margin + sim - pos[:, None]).clamp(min=0).masked_fill(eye, 0)  # image i vs caption j
-    cost_image = (margin + sim - pos[None, :]).clamp(min=0).masked_fill(eye, 0)  # caption j vs image i
+    skip = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    if known is not None:
+        skip = skip | known.to(skip.device)
+    cost_text = (margin + sim - pos[:, None]).clamp(min=0).masked_fill(skip, 0)  # image i vs caption j
+    cost_image = (margin + sim - pos[None, :]).clamp(min=0).masked_fill(skip, 0)  # caption j vs image i
     return (cost_text.max(dim=1).values + cost_image.max(dim=0).values).mean()
 
 
@@ -168,17 +210,19 @@ class MatchingLoss(nn.Module):
         image: ImageFeatures,
         text: TextFeatures,
         pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
+        known: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`known` (B, B): True where caption j is one of image i's captions too (see the module docstring)."""
         w = self.weights
         image_emb = F.normalize(image.pooled.float(), dim=-1)  # (B, E)
         text_emb = F.normalize(text.pooled.float(), dim=-1)  # (B, E)
         terms: dict[str, torch.Tensor] = {}
         if w.itc:
-            terms["itc"] = self.itc(image_emb, text_emb)
+            terms["itc"] = self.itc(image_emb, text_emb, known)
         if w.itm:
             similarity = self.itc.scale().detach() * image_emb @ text_emb.T
-            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs)
+            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs, known)
         if w.vse:
-            terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin)
+            terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin, known)
         total = sum(getattr(w, name) * value for name, value in terms.items())
         return {"loss": total, **{name: value.detach() for name, value in terms.items()}}

@@ -194,14 +194,16 @@ class TrainModule(nn.Module):
         image: ImageFeatures | None = None,
         text: TextFeatures | None = None,
         pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        known: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses of a batch; `pairs` = (image rows, caption token ids, labels): extra labelled ITM pairs."""
+        """Losses of a batch; `pairs` = (image rows, caption token ids, labels): extra labelled ITM pairs; `known`
+        (B, B): True where caption j is one of image i's captions too (not a negative)."""
         image = image if image is not None else self.matcher.encode_image(pixels)
         text = text if text is not None else self.matcher.encode_text(ids)
         pair_text = None
         if pairs is not None and len(pairs[0]):
             pair_text = (pairs[0], self.matcher.encode_text(pairs[1]), pairs[2])  # (rows, captions, labels)
-        return self.loss(self.matcher, image, text, pair_text)
+        return self.loss(self.matcher, image, text, pair_text, known)
 
 
 def param_groups(module: TrainModule, cfg: TrainCfg) -> list[dict[str, Any]]:
@@ -315,6 +317,7 @@ class _FeatureCache:
     images: ImageCache  # encoder outputs of every training image (eval transform)
     texts: TextCache  # every caption
     first_caption: torch.Tensor  # (N,) index in `texts` of each image's first caption
+    captions: list[str]  # the captions of `texts`, in order
     good: torch.Tensor  # (N,) bool, image decoded
 
 
@@ -343,7 +346,21 @@ def _build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: Train
     texts = matcher.cache_texts(captions, batch_size=4 * cfg.batch_size, prepare=False)
     counts = torch.tensor([len(r.captions) for r in records])
     first = torch.cumsum(counts, 0) - counts
-    return _FeatureCache(ImageCache(pooled, tokens), texts, first, good)
+    return _FeatureCache(ImageCache(pooled, tokens), texts, first, captions, good)
+
+
+def _normal(caption: str) -> str:
+    return " ".join(caption.lower().split()).rstrip(" .")
+
+
+def known_matches(records: Sequence[Record], captions: Sequence[str]) -> torch.Tensor:
+    """(B, B) bool: caption j (the one drawn for image j) is also one of image i's own captions.
+
+    Captions compare case-, whitespace- and final-period-insensitively. Such pairs are not negatives for the losses.
+    """
+    own = [{_normal(c) for c in record.captions} for record in records]
+    drawn = [_normal(c) for c in captions]
+    return torch.tensor([[caption in mine for caption in drawn] for mine in own], dtype=torch.bool)
 
 
 def _raw_text(texts: TextCache, index: torch.Tensor) -> TextFeatures:
@@ -453,11 +470,14 @@ def fit(
                     [captions[images.index(i)] for i in idx.tolist()], dtype=torch.long
                 )
                 dev = cache.images.pooled.device
+                rows = [records[i] for i in idx.tolist()]
+                drawn = [cache.captions[c] for c in cap.tolist()]
                 yield (
                     ImageFeatures(cache.images.pooled[idx.to(dev)], cache.images.tokens[idx.to(dev)]),
                     _raw_text(cache.texts, cap),
                     len(idx),
                     None,
+                    known_matches(rows, drawn).to(dev),
                 )
                 m += 1
         total = (cfg.max_steps - step) * cfg.accum_steps
@@ -473,7 +493,7 @@ def fit(
         )
         for batch, caption_of in loader:
             if batch.pixels is None:
-                yield None, None, 0, None
+                yield None, None, 0, None, None
                 continue
             captions = [r.captions[caption_of[i]] for i, r in zip(batch.indices, batch.records)]
             pairs = None
@@ -490,7 +510,7 @@ def fit(
                 if labelled:
                     rows, texts, labels = zip(*labelled)
                     pairs = (torch.tensor(rows), matcher.tokenize(list(texts)), torch.tensor(labels))
-            yield batch.pixels, matcher.tokenize(captions), len(captions), pairs
+            yield batch.pixels, matcher.tokenize(captions), len(captions), pairs, known_matches(batch.records, captions)
 
     bar = _progress(progress and is_main, cfg.max_steps, step)
     batches = micro_batches(step * cfg.accum_steps)
@@ -504,16 +524,16 @@ def fit(
             torch.manual_seed(_mix(cfg.seed, step, rank, 3))  # dropout and hard negatives of this step
             sums: dict[str, float] = {}
             for a in range(cfg.accum_steps):
-                first, second, n, pairs = next(batches)
+                first, second, n, pairs, known = next(batches)
                 if n < 2:
                     log.warning("skipping a micro-batch with %d usable images", n)
                     continue
                 sync = size == 1 or a == cfg.accum_steps - 1
                 with nullcontext() if sync else model.no_sync(), autocast():
                     if cache is not None:
-                        out = model(None, None, first, second)
+                        out = model(None, None, first, second, known=known)
                     else:
-                        out = model(first, second, pairs=pairs)
+                        out = model(first, second, pairs=pairs, known=known)
                 (out["loss"] / cfg.accum_steps).backward()
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.accum_steps

@@ -53,3 +53,48 @@ def test_vse_max_violation_matches_naive_loop():
         naive += max([max(0.0, margin + sim[i, j] - sim[i, i]) for j in range(5) if j != i])
         naive += max([max(0.0, margin + sim[j, i] - sim[i, i]) for j in range(5) if j != i])
     assert abs(float(vse_max_violation(image, text, margin)) - naive / 5) < 1e-5
+
+
+def test_itc_leaves_known_matches_out_of_the_negatives():
+    """Caption j known to describe image i too (a repeated caption) is no negative of image i, nor i of caption j."""
+    image, text = _unit(5, 8, 4), _unit(5, 8, 5)
+    known = torch.zeros(5, 5, dtype=torch.bool)
+    known[0, 3] = known[2, 1] = True
+    known[4, 4] = True  # the diagonal is the positive anyway
+    loss = ContrastiveLoss(init_temperature=0.1)(image, text, known)
+    sim = image @ text.T * 10.0
+    naive = 0.0
+    for i in range(5):
+        row = [j for j in range(5) if j == i or not known[i, j]]  # captions that compete for image i
+        col = [j for j in range(5) if j == i or not known[j, i]]  # images that compete for caption i
+        naive += -math.log(math.exp(sim[i, i]) / sum(math.exp(sim[i, j]) for j in row))
+        naive += -math.log(math.exp(sim[i, i]) / sum(math.exp(sim[j, i]) for j in col))
+    assert abs(float(loss) - naive / 10) < 1e-4
+    assert abs(float(loss) - float(ContrastiveLoss(init_temperature=0.1)(image, text))) > 1e-3
+
+
+def test_hard_negatives_skip_known_matches():
+    torch.manual_seed(0)
+    b = 4
+    sim = torch.zeros(b, b)
+    sim[0, 1] = 30.0  # caption 1 looks like image 0's best negative, but it is known to describe image 0
+    known = torch.zeros(b, b, dtype=torch.bool)
+    known[0, 1] = True
+    known[3, :] = True  # every caption of the batch describes image 3: no negative caption for it
+    for _ in range(20):
+        neg_text, neg_image = sample_hard_negatives(sim, known=known)
+        assert int(neg_text[0]) in (2, 3) and int(neg_text[3]) == -1
+        assert int(neg_image[1]) in (2,)  # caption 1: not image 1 (its own), 0 or 3 (known)
+        assert all(int(j) == -1 or (j != i and not known[j, i]) for i, j in enumerate(neg_image))
+
+
+def test_vse_ignores_known_matches():
+    image, text = _unit(4, 8, 6), _unit(4, 8, 7)
+    known = torch.zeros(4, 4, dtype=torch.bool)
+    known[1, 2] = True
+    sim = image @ text.T
+    naive = 0.0
+    for i in range(4):
+        naive += max([max(0.0, 0.2 + sim[i, j] - sim[i, i]) for j in range(4) if j != i and not known[i, j]])
+        naive += max([max(0.0, 0.2 + sim[j, i] - sim[i, i]) for j in range(4) if j != i and not known[j, i]])
+    assert abs(float(vse_max_violation(image, text, 0.2, known)) - naive / 4) < 1e-5

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mmcross.config import load_run_cfg
+from mmcross.data.records import Record
 from mmcross.factory import create_matcher, load_checkpoint
-from mmcross.train import fit, set_trainable
+from mmcross.train import fit, known_matches, set_trainable
 from tests.train_helpers import make_shapes
 
 
@@ -155,9 +156,9 @@ def test_dataset_negatives_enter_the_itm_loss(tmp_path, monkeypatch):
     seen = []
     original = losses.itm_loss
 
-    def spy(matcher, image, text, similarity, pairs=None):
+    def spy(matcher, image, text, similarity, pairs=None, known=None):
         seen.append(None if pairs is None else pairs)
-        return original(matcher, image, text, similarity, pairs)
+        return original(matcher, image, text, similarity, pairs, known)
 
     monkeypatch.setattr(losses, "itm_loss", spy)
     fit(_run(synth, max_steps=2, dataset_negatives="true"), tmp_path / "with", progress=False)
@@ -177,3 +178,37 @@ def test_dataset_negatives_enter_the_itm_loss(tmp_path, monkeypatch):
     bad = _run(synth, dataset_negatives="true", feature_cache="true", trainable="fusion")
     with pytest.raises(ValueError, match="negatives"):
         fit(bad, tmp_path / "bad", progress=False)
+
+
+def test_known_matches_compare_captions_word_for_word():
+    records = [
+        Record("a", ["A red square.", "a red square left of a blue circle"]),
+        Record("b", ["a red  square"]),
+        Record("c", ["a blue circle"]),
+    ]
+    drawn = ["a red square left of a blue circle", "a red square", "a blue circle"]
+    assert known_matches(records, drawn).tolist() == [
+        [True, True, False],  # image a: its own caption, and b's "a red square" is one of a's too
+        [False, True, False],
+        [False, False, True],
+    ]
+
+
+def test_fit_tells_the_losses_which_in_batch_captions_are_true(tmp_path, monkeypatch):
+    """Synth scenes share one-object captions ("a red square"): fit passes those pairs to the losses as known."""
+    import mmcross.losses as losses
+    from mmcross.data.synth import write_synth
+
+    synth = tmp_path / "synth"
+    write_synth(synth, n_images=40, seed=3, image_size=32)
+    seen = []
+    original = losses.itm_loss
+
+    def spy(matcher, image, text, similarity, pairs=None, known=None):
+        seen.append(known)
+        return original(matcher, image, text, similarity, pairs, known)
+
+    monkeypatch.setattr(losses, "itm_loss", spy)
+    fit(_run(synth, max_steps=4, batch_size=16), tmp_path / "run", progress=False)
+    assert len(seen) == 4 and all(k.shape == (16, 16) and k.diagonal().all() for k in seen)
+    assert sum(int((k & ~torch.eye(16, dtype=torch.bool)).sum()) for k in seen) > 0  # shared captions were found

@@ -1,8 +1,8 @@
 """A compositional synthetic dataset: coloured shapes, relational captions, and swapped hard negatives.
 
 Each image holds one to three objects (shape, colour, size) placed in distinct cells of a 3x3 grid. Captions name
-objects ("a big red circle") and relations between two of them ("a red circle left of a blue square", "above",
-"bigger than"). Each caption has a hard negative that is false for its image but uses the same words: the two
+every object ("a red circle") and up to two relations between two of them ("a red circle left of a blue square",
+"above", "bigger than"). Each caption has a hard negative that is false for its image but uses the same words: the two
 objects' attributes swapped ("a blue circle left of a red square"), or the relation's arguments swapped ("a blue
 square left of a red circle"); a one-object caption gets another colour. A dual encoder that sees a bag of words
 cannot tell such pairs apart; a cross-attention head that binds words to regions can.
@@ -48,7 +48,7 @@ class SynthItem:
     image_id: str
     png: bytes
     captions: list[str]
-    negatives: list[str]  # negatives[i] is the hard negative of captions[i]
+    negatives: list[str | None]  # negatives[i] is the hard negative of captions[i]; None where no false one exists
     split: str
     objects: list[Thing] = field(default_factory=list)
 
@@ -124,13 +124,20 @@ def _mentions(caption: tuple, combos: set[tuple[str, str]]) -> bool:
     return caption[1] in combos or caption[3] in combos
 
 
-def _negative(objects: list[Thing], caption: tuple, rng: random.Random, banned: set) -> tuple | None:
+def _negative(objects: list[Thing], caption: tuple, rng: random.Random, banned: set, used: set) -> tuple | None:
     """A false caption with the caption's words rearranged (attribute or argument swap); None if none exists.
 
-    Negatives never mention a `banned` (held-out) combination, so train text never contains one.
+    Negatives never mention a `banned` (held-out) combination, so train text never contains one, and are not among
+    the image's `used` negatives, so every negative of an image belongs to one caption.
     """
     if caption[0] == "one":
-        colours = [c for c in COLOURS if not _holds(objects, ("one", c, caption[2])) and (c, caption[2]) not in banned]
+        colours = [
+            c
+            for c in COLOURS
+            if not _holds(objects, ("one", c, caption[2]))
+            and (c, caption[2]) not in banned
+            and ("one", c, caption[2]) not in used
+        ]
         # Prefer a colour that another object of the scene has: "a blue square" for a scene with a red square and a
         # blue circle is false only because of how colour and shape are bound; an absent colour is a bag-of-words test.
         bound = [c for c in colours if any(t.colour == c for t in objects)]
@@ -142,7 +149,7 @@ def _negative(objects: list[Thing], caption: tuple, rng: random.Random, banned: 
     ]
     rng.shuffle(options)
     for option in options:
-        if option != caption and not _holds(objects, option) and not _mentions(option, banned):
+        if option != caption and option not in used and not _holds(objects, option) and not _mentions(option, banned):
             return option
     return None
 
@@ -159,22 +166,25 @@ def _scene(rng: random.Random) -> list[Thing]:
     return objects
 
 
-def _captions(objects: list[Thing], rng: random.Random, per_image: int) -> list[tuple]:
-    candidates: list[tuple] = [("one", t.colour, t.shape) for t in objects]
+def _captions(objects: list[Thing], rng: random.Random, relations: int) -> list[tuple]:
+    """Every object's own caption, then up to `relations` relational captions.
+
+    Listing every object means an image's captions say which one-object captions are true of it, so training can
+    tell "a red square" written for another scene with a red square from a negative (`mmcross.losses`, `known`).
+    """
+    single: list[tuple] = [("one", t.colour, t.shape) for t in objects]
+    relational: list[tuple] = []
     for a in objects:
         for b in objects:
             if a is not b:
-                candidates += [("rel", (a.colour, a.shape), r, (b.colour, b.shape)) for r in _relations(a, b)]
-    rng.shuffle(candidates)
-    relational = [c for c in candidates if c[0] == "rel"]
-    single = [c for c in candidates if c[0] == "one"]
-    # One object caption (colour-shape binding), then relations (the hard part), then the other objects.
-    ordered = single[:1] + relational + single[1:]
-    return ordered[:per_image]
+                relational += [("rel", (a.colour, a.shape), r, (b.colour, b.shape)) for r in _relations(a, b)]
+    rng.shuffle(single)
+    rng.shuffle(relational)
+    return single + relational[:relations]
 
 
 def generate(
-    n_images: int, seed: int = 0, image_size: int = 64, holdout: list[str] | None = None, captions_per_image: int = 3
+    n_images: int, seed: int = 0, image_size: int = 64, holdout: list[str] | None = None, relations_per_image: int = 2
 ) -> list[SynthItem]:
     """Generate `n_images` scenes with captions, hard negatives and splits, deterministically for `seed`."""
     held = {parse_holdout(combo) for combo in holdout or []}
@@ -190,11 +200,12 @@ def generate(
                 "train" if draw < SPLIT_FRACTIONS["train"] else "dev" if draw < 1 - SPLIT_FRACTIONS["test"] else "test"
             )
         banned = set() if split == "test" else held
-        pairs = []
-        for caption in _captions(objects, rng, captions_per_image):
-            negative = _negative(objects, caption, rng, banned)
-            if negative is not None:
-                pairs.append((_text(caption), _text(negative)))
+        pairs, used = [], set()
+        for caption in _captions(objects, rng, relations_per_image):
+            negative = _negative(objects, caption, rng, banned, used)
+            used.add(negative)
+            # a caption without a negative stays (three circles leave no false colour for the last one's caption)
+            pairs.append((_text(caption), None if negative is None else _text(negative)))
         items.append(
             SynthItem(
                 image_id=f"synth_{index:06d}",
@@ -222,10 +233,11 @@ def write_synth(
     seed: int = 0,
     image_size: int = 64,
     holdout: list[str] | None = None,
-    captions_per_image: int = 3,
+    relations_per_image: int = 2,
 ) -> SynthSummary:
     """Generate the set into `out`: `images/*.png` and `manifest.jsonl`, one line per image with `image_id`,
-    `image` (relative path), `captions`, `negatives` (aligned with `captions`) and `split`.
+    `image` (relative path), `captions`, `negatives` (aligned with `captions`; null where a caption has none) and
+    `split`.
 
     The manifest is a JSONL table every mmcross command reads (`--format table`, or auto-detected).
     """
@@ -233,7 +245,9 @@ def write_synth(
     if (out / MANIFEST).exists():
         raise ValueError(f"{out} already holds a {MANIFEST}; choose an empty folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    items = generate(n_images, seed=seed, image_size=image_size, holdout=holdout, captions_per_image=captions_per_image)
+    items = generate(
+        n_images, seed=seed, image_size=image_size, holdout=holdout, relations_per_image=relations_per_image
+    )
     tmp = out / (MANIFEST + ".tmp")
     with tmp.open("w", encoding="utf-8") as manifest:
         for item in items:
@@ -266,8 +280,9 @@ def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
         for line in rows:
             if line.strip():
                 row = json.loads(line)
-                if row.get("negatives"):
-                    negatives[str(row["image_id"])] = dict(zip(row["captions"], row["negatives"]))
+                pairs = {c: n for c, n in zip(row["captions"], row.get("negatives") or []) if n}  # null: none exists
+                if pairs:
+                    negatives[str(row["image_id"])] = pairs
     return negatives
 
 
