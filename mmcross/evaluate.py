@@ -21,7 +21,7 @@ import torch
 
 from mmcross.config import DataCfg
 from mmcross.data.loader import image_loader
-from mmcross.data.records import Record
+from mmcross.data.records import Record, caption_key
 from mmcross.metrics import DEFAULT_KS, retrieval_metrics
 from mmcross.model import ImageCache, Matcher, TextCache
 
@@ -39,6 +39,20 @@ class EncodedSplit:
     caption_image: torch.Tensor  # (M,) index into `images` of each caption's image
     image_ids: list[str]  # N
     rejects: int  # images that could not be decoded (left out with their captions)
+    matches: torch.Tensor  # (N, M) bool: caption j is, word for word (`caption_key`), one of image i's captions
+
+
+def same_text_matches(captions: Sequence[str], caption_image: torch.Tensor, n_images: int) -> torch.Tensor:
+    """(N_images, N_captions) bool: caption j's text is one of image i's captions (by `caption_key`).
+
+    Equal to each caption's own image when captions are unique; a caption repeated under several images (COCO has
+    such, the synthetic set's "a red square" many) describes all of them.
+    """
+    group: dict[str, int] = {}
+    text_group = torch.tensor([group.setdefault(caption_key(c), len(group)) for c in captions], dtype=torch.long)
+    has = torch.zeros(n_images, len(group), dtype=torch.bool)  # (N, G) image i has a caption of text group g
+    has[caption_image, text_group] = True
+    return has[:, text_group]  # (N, M)
 
 
 @torch.no_grad()
@@ -63,7 +77,9 @@ def encode_split(matcher: Matcher, records: Sequence[Record], batch_size: int = 
         raise ValueError("no image of the split could be read")
     images = ImageCache(torch.cat([p.pooled for p in parts]), torch.cat([p.tokens for p in parts]))
     texts = matcher.cache_texts(captions, batch_size=4 * batch_size, prepare=False)
-    return EncodedSplit(images, texts, torch.tensor(caption_image), image_ids, rejects)
+    caption_image_t = torch.tensor(caption_image)
+    matches = same_text_matches(captions, caption_image_t, len(image_ids))
+    return EncodedSplit(images, texts, caption_image_t, image_ids, rejects, matches)
 
 
 @torch.no_grad()
@@ -136,7 +152,7 @@ def evaluate(
     try:
         split = encode_split(matcher, records, batch_size=batch_size, workers=workers)
         similarity = split.images.pooled.float() @ split.texts.pooled.float().T  # (N_img, N_cap)
-        metrics = retrieval_metrics(similarity, split.caption_image, ks)
+        metrics = retrieval_metrics(similarity, split.caption_image, ks, split.matches)
         rerank = None
         t2i_sim = i2t_sim = similarity
         if k > 0:
@@ -144,8 +160,8 @@ def evaluate(
             texts = matcher.prepare_texts(split.texts.to(dtype=matcher.dtype))
             t2i_sim = rerank_similarity(matcher, images, texts, similarity, k, by="column")
             i2t_sim = rerank_similarity(matcher, images, texts, similarity, k, by="row")
-            t2i = retrieval_metrics(t2i_sim, split.caption_image, ks)
-            i2t = retrieval_metrics(i2t_sim, split.caption_image, ks)
+            t2i = retrieval_metrics(t2i_sim, split.caption_image, ks, split.matches)
+            i2t = retrieval_metrics(i2t_sim, split.caption_image, ks, split.matches)
             rerank = {key: (t2i if key.startswith("image_") else i2t)[key] for key in metrics if key != "rsum"}
             rerank["rsum"] = 100.0 * sum(v for key, v in rerank.items() if "recall@" in key)
     finally:
@@ -164,7 +180,9 @@ def evaluate(
         by_id = {r.image_id: r for r in records}
         captions = [c for image_id in split.image_ids for c in by_id[image_id].captions]  # encode_split's order
         images = [(i, by_id[i].path or by_id[i].data) for i in split.image_ids]
-        result["failures"] = worst_failures(t2i_sim, i2t_sim, split.caption_image, captions, images, n=failures)
+        result["failures"] = worst_failures(
+            t2i_sim, i2t_sim, split.caption_image, captions, images, n=failures, matches=split.matches
+        )
     return result
 
 

@@ -3,6 +3,10 @@
 Names follow CLIP_benchmark: `image_retrieval_recall@K` is text -> image (a caption retrieves its image),
 `text_retrieval_recall@K` is image -> text (an image retrieves any of its captions). Recalls are in [0, 1].
 
+Ground truth is each caption's image, or a full (N_images, N_captions) `matches` table: `mmcross.evaluate` counts a
+caption written word for word under several images as describing all of them (no model can tell two copies of one
+string apart, so which copy ranks first would otherwise be decided by ties). With unique captions the two agree.
+
 Ranks are 1-based and pessimistic about ties: a true match ranks behind every wrong candidate scoring at least as
 high, so a model that scores everything the same gets the worst rank, not the best.
 """
@@ -14,22 +18,43 @@ import torch
 DEFAULT_KS = (1, 5, 10)
 
 
-def text_to_image_ranks(similarity: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
+def match_matrix(caption_image: torch.Tensor, n_images: int) -> torch.Tensor:
+    """(N_images, N_captions) bool, True where caption j describes image i, from each caption's image index."""
+    return caption_image[None, :] == torch.arange(n_images, device=caption_image.device)[:, None]
+
+
+def _ranks_by_row(similarity: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's best-scoring true column; 0 for rows without one.
+
+    Other true columns never push the best one down: 1 + false columns that tie or beat it.
+    """
+    best_true = similarity.masked_fill(~matches, float("-inf")).max(dim=1).values  # (R,)
+    ranks = 1 + ((similarity >= best_true[:, None]) & ~matches).sum(dim=1)  # (R,)
+    return ranks.masked_fill(~matches.any(dim=1), 0)
+
+
+def text_to_image_ranks(
+    similarity: torch.Tensor, caption_image: torch.Tensor, matches: torch.Tensor | None = None
+) -> torch.Tensor:
     """1-based rank of each caption's image among all images.
 
     Args:
         similarity: (N_images, N_captions) scores, higher is better.
         caption_image: (N_captions,) index of the image each caption describes.
+        matches: (N_images, N_captions) bool, every image each caption describes (a caption repeated word for word
+            under several images describes them all); None = `caption_image` alone. The best-ranked one counts.
 
     Returns:
         (N_captions,) ranks.
     """
-    columns = torch.arange(similarity.shape[1], device=similarity.device)
-    true_score = similarity[caption_image, columns]  # (N_captions,)
-    return (similarity >= true_score[None, :]).sum(dim=0)  # counts the true image itself, hence 1-based
+    if matches is None:
+        matches = match_matrix(caption_image, similarity.shape[0])
+    return _ranks_by_row(similarity.T, matches.T.to(similarity.device))
 
 
-def image_to_text_ranks(similarity: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
+def image_to_text_ranks(
+    similarity: torch.Tensor, caption_image: torch.Tensor, matches: torch.Tensor | None = None
+) -> torch.Tensor:
     """1-based rank of each image's best-ranked caption among all captions (any of its captions counts).
 
     Images without captions get rank 0 and are left out of the metrics by `retrieval_metrics`.
@@ -37,17 +62,14 @@ def image_to_text_ranks(similarity: torch.Tensor, caption_image: torch.Tensor) -
     Args:
         similarity: (N_images, N_captions) scores, higher is better.
         caption_image: (N_captions,) index of the image each caption describes.
+        matches: (N_images, N_captions) bool, every caption that describes each image; None = `caption_image`.
 
     Returns:
         (N_images,) ranks.
     """
-    n_images = similarity.shape[0]
-    rows = torch.arange(n_images, device=similarity.device)
-    own = caption_image[None, :] == rows[:, None]  # (N_images, N_captions) True at an image's own captions
-    best_true = similarity.masked_fill(~own, float("-inf")).max(dim=1).values  # (N_images,)
-    # Other captions of the same image never push the best one down: 1 + captions of other images that tie or beat it.
-    ranks = 1 + ((similarity >= best_true[:, None]) & ~own).sum(dim=1)  # (N_images,)
-    return ranks.masked_fill(~own.any(dim=1), 0)
+    if matches is None:
+        matches = match_matrix(caption_image, similarity.shape[0])
+    return _ranks_by_row(similarity, matches.to(similarity.device))
 
 
 def recall_at_k(ranks: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[int, float]:
@@ -56,17 +78,24 @@ def recall_at_k(ranks: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[i
 
 
 def retrieval_metrics(
-    similarity: torch.Tensor, caption_image: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS
+    similarity: torch.Tensor,
+    caption_image: torch.Tensor,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    matches: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The standard image-text retrieval protocol on one similarity matrix.
+
+    `matches` (N_images, N_captions) bool widens the ground truth beyond `caption_image` (see `text_to_image_ranks`).
 
     Returns recall@K both ways, median ranks (1-based) and `rsum`, the sum of the 2 * len(ks) recalls in
     percent (0-600 for the usual K = 1, 5, 10, as papers report it).
     """
     similarity = similarity.float()
     caption_image = caption_image.to(similarity.device).long()
-    t2i = text_to_image_ranks(similarity, caption_image)
-    i2t = image_to_text_ranks(similarity, caption_image)
+    if matches is None:
+        matches = match_matrix(caption_image, similarity.shape[0])
+    t2i = text_to_image_ranks(similarity, caption_image, matches)
+    i2t = image_to_text_ranks(similarity, caption_image, matches)
     i2t = i2t[i2t > 0]  # images with at least one caption
     metrics: dict[str, float] = {}
     for k, value in recall_at_k(t2i, ks).items():

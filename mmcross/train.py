@@ -40,7 +40,7 @@ from torch import nn
 
 from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
 from mmcross.data.loader import collate, load_item
-from mmcross.data.records import Record
+from mmcross.data.records import Record, caption_key
 from mmcross.encoders import ImageFeatures, TextFeatures
 from mmcross.losses import LossWeights, MatchingLoss, world
 from mmcross.model import ImageCache, Matcher, TextCache
@@ -349,17 +349,13 @@ def _build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: Train
     return _FeatureCache(ImageCache(pooled, tokens), texts, first, captions, good)
 
 
-def _normal(caption: str) -> str:
-    return " ".join(caption.lower().split()).rstrip(" .")
-
-
 def known_matches(records: Sequence[Record], captions: Sequence[str]) -> torch.Tensor:
     """(B, B) bool: caption j (the one drawn for image j) is also one of image i's own captions.
 
-    Captions compare case-, whitespace- and final-period-insensitively. Such pairs are not negatives for the losses.
+    Captions compare by `caption_key` (case, spacing, final period ignored). Such pairs are no negatives in the losses.
     """
-    own = [{_normal(c) for c in record.captions} for record in records]
-    drawn = [_normal(c) for c in captions]
+    own = [{caption_key(c) for c in record.captions} for record in records]
+    drawn = [caption_key(c) for c in captions]
     return torch.tensor([[caption in mine for caption in drawn] for mine in own], dtype=torch.bool)
 
 

@@ -10,16 +10,19 @@ import torch
 from mmcross.metrics import retrieval_metrics
 
 
-def naive_metrics(sim: list[list[float]], caption_image: list[int], ks=(1, 5, 10)) -> dict[str, float]:
+def naive_metrics(sim: list[list[float]], caption_image: list[int], ks=(1, 5, 10), matches=None) -> dict[str, float]:
     n_images, n_captions = len(sim), len(sim[0])
+    if matches is None:
+        matches = [[caption_image[c] == i for c in range(n_captions)] for i in range(n_images)]
     t2i = []
     for c in range(n_captions):
-        true = sim[caption_image[c]][c]
-        rank = 1 + sum(1 for i in range(n_images) if i != caption_image[c] and sim[i][c] >= true)
+        described = [i for i in range(n_images) if matches[i][c]]
+        true = max(sim[i][c] for i in described)  # the best-ranked image the caption describes counts
+        rank = 1 + sum(1 for i in range(n_images) if i not in described and sim[i][c] >= true)
         t2i.append(rank)
     i2t = []
     for i in range(n_images):
-        own = [c for c in range(n_captions) if caption_image[c] == i]
+        own = [c for c in range(n_captions) if matches[i][c]]
         if not own:
             continue
         ranks = []
@@ -63,3 +66,28 @@ def test_perfect_and_constant_scores():
     assert metrics["image_retrieval_recall@1"] == 1.0 and metrics["text_retrieval_recall@1"] == 1.0
     constant = retrieval_metrics(torch.zeros(3, len(caption_image)), caption_image)
     assert constant["image_retrieval_recall@1"] == 0.0 and constant["text_retrieval_recall@1"] == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_repeated_captions_describe_every_image_they_are_written_for(seed):
+    """A caption written word for word under several images matches all of them (`matches`), against the naive loop."""
+    from mmcross.evaluate import same_text_matches
+
+    generator = torch.Generator().manual_seed(seed)
+    captions = ["a red square", "A red square.", "a dog", "a blue circle", "a red square", "a cat", "a dog", "a cow"]
+    caption_image = torch.tensor([0, 1, 1, 2, 3, 3, 4, 4])
+    matches = same_text_matches(captions, caption_image, 6)  # image 5 has no caption
+    assert matches[:, 0].tolist() == [True, True, False, True, False, False]  # "a red square" under 0, 1 and 3
+    assert matches[:, 2].tolist() == [False, True, False, False, True, False]  # "a dog" under 1 and 4
+    assert matches[:, 7].tolist() == [False, False, False, False, True, False]
+    sim = torch.randn(6, len(captions), generator=generator).round()  # ties too
+    ours = retrieval_metrics(sim, caption_image, matches=matches)
+    expected = naive_metrics(sim.tolist(), caption_image.tolist(), matches=matches.tolist())
+    for key in expected:
+        assert ours[key] == pytest.approx(expected[key]), key
+    # identical captions score identically: by index alone, one copy always loses the tie; by text, none does
+    same = torch.zeros(6, len(captions))
+    same[caption_image, torch.arange(len(captions))] = 1.0
+    same[:, 1] = same[:, 0] = same[:, 4] = torch.tensor([1.0, 1.0, 0, 1.0, 0, 0])
+    assert retrieval_metrics(same, caption_image, matches=matches)["text_retrieval_recall@1"] == 1.0
+    assert retrieval_metrics(same, caption_image)["text_retrieval_recall@1"] < 1.0

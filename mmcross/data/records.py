@@ -117,6 +117,11 @@ def clean_caption(
     return caption
 
 
+def caption_key(caption: str) -> str:
+    """What makes two captions the same text: case, runs of spaces and a final period do not count."""
+    return " ".join(caption.lower().split()).rstrip(" .")
+
+
 def find_first(folder: Path, names: tuple[str, ...]) -> Path | None:
     """The first of `names` that exists as a sub-folder of `folder`."""
     for name in names:

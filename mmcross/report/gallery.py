@@ -225,6 +225,7 @@ def worst_failures(
     *,
     n: int = 20,
     above: int = 4,
+    matches=None,
 ) -> list[Failure]:
     """The `n` queries of each direction whose true match ranked lowest, with the `above` best wrong candidates.
 
@@ -236,21 +237,24 @@ def worst_failures(
         images: (image_id, file or bytes) of the N_img images.
         n: failures per direction.
         above: at most this many of the wrong candidates that ranked above the true match, per failure.
+        matches: (N_img, N_cap) bool, every image each caption describes (`mmcross.metrics`); None = `caption_image`.
     """
     import torch
 
-    from mmcross.metrics import image_to_text_ranks, text_to_image_ranks
+    from mmcross.metrics import image_to_text_ranks, match_matrix, text_to_image_ranks
 
     caption_image = torch.as_tensor(caption_image).long()
     t2i, i2t = t2i_similarity.float().cpu(), i2t_similarity.float().cpu()
+    matches = match_matrix(caption_image, t2i.shape[0]) if matches is None else torch.as_tensor(matches).cpu()
     out: list[Failure] = []
-    ranks = text_to_image_ranks(t2i, caption_image)  # (N_cap,)
+    ranks = text_to_image_ranks(t2i, caption_image, matches)  # (N_cap,)
     for c in torch.argsort(-ranks, stable=True)[:n].tolist():
         if int(ranks[c]) <= 1:
             break
-        true = int(caption_image[c])
         column = t2i[:, c]
-        order = [int(i) for i in torch.argsort(-column, stable=True)[: above + 1] if int(i) != true]
+        true_images = matches[:, c].nonzero().flatten()
+        true = int(true_images[column[true_images].argmax()])  # the best-ranked image the caption describes
+        order = [int(i) for i in torch.argsort(-column, stable=True) if not matches[int(i), c]][:above]
         order = order[: min(above, int(ranks[c]) - 1)]  # only what ranked above the true image
         own_id, own_src = images[true]
         out.append(
@@ -265,14 +269,14 @@ def worst_failures(
                 ],
             )
         )
-    ranks = image_to_text_ranks(i2t, caption_image)  # (N_img,), 0 for images without captions
+    ranks = image_to_text_ranks(i2t, caption_image, matches)  # (N_img,), 0 for images without captions
     for i in torch.argsort(-ranks, stable=True)[:n].tolist():
         if int(ranks[i]) <= 1:
             break
         row = i2t[i]
-        own = (caption_image == i).nonzero().flatten()
+        own = matches[i].nonzero().flatten()
         best = int(own[row[own].argmax()])
-        order = [int(c) for c in torch.argsort(-row, stable=True)[: above + len(own)] if int(caption_image[c]) != i]
+        order = [int(c) for c in torch.argsort(-row, stable=True)[: above + len(own)] if not matches[i, int(c)]]
         image_id, source = images[i]
         out.append(
             Failure(
