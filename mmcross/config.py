@@ -40,6 +40,7 @@ class FusionCfg:
     mlp_ratio: float = 4.0  # feed-forward width as a multiple of `dim`
     dropout: float = 0.0  # dropout in attention and feed-forward layers
     grid_positions: bool = False  # add fixed 2D sin-cos positions to the image tokens (needs a square patch grid)
+    text_pool: str = "mean"  # how text states become one vector: "mean" over real tokens, or learned "attention"
     seed: int = 0  # initialisation seed of the fusion block and match head (same config -> same weights)
 
 
@@ -95,6 +96,7 @@ class TrainCfg:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     itc_weight: float = 1.0  # weight of the InfoNCE image-text contrastive loss
     itm_weight: float = 1.0  # weight of the ITM loss (BCE on positives + ITC-sampled hard negatives)
+    itm_uniform_negatives: float = 0.0  # share of ITM negatives drawn uniformly from the batch instead (easy ones)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off
     dataset_negatives: bool = False  # ITM also on every caption of each image and its own hard negative (the
     # `negatives` column of a JSONL manifest, e.g. `mmcross data synth`'s attribute-swapped captions)

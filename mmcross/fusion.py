@@ -37,6 +37,7 @@ from torch import nn
 from mmcross.config import FusionCfg
 
 VARIANTS = ("joint", "text_to_image")
+TEXT_POOLS = ("mean", "attention")
 
 
 class CrossAttention(nn.Module):
@@ -253,6 +254,11 @@ class Fusion(nn.Module):
             self.cross_layers = nn.ModuleList(block(cross=True) for _ in range(cfg.cross_layers))
         self.norm_image = nn.LayerNorm(d)
         self.norm_text = nn.LayerNorm(d)
+        if cfg.text_pool not in TEXT_POOLS:
+            raise ValueError(f"unknown fusion.text_pool {cfg.text_pool!r}; known: {', '.join(TEXT_POOLS)}")
+        # "attention": a learned score per token, softmax over the real tokens; one token that contradicts the image
+        # ("blue" where the square is red) can then carry the pooled vector instead of being averaged with ten others
+        self.text_pool = nn.Linear(d, 1) if cfg.text_pool == "attention" else None
 
     def image_side(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encoder patch tokens (B, P, Dv) -> image states (B, P, D) after the image self-attention."""
@@ -319,7 +325,12 @@ class Fusion(nn.Module):
                 if weights is not None:
                     maps.append(weights)  # (B, H, L, P)
         pooled_image = self.norm_image(image).mean(dim=1)  # (B, D)
-        pooled_text = masked_mean(self.norm_text(text), text_mask)  # (B, D)
+        text = self.norm_text(text)  # (B, L, D)
+        if self.text_pool is None:
+            pooled_text = masked_mean(text, text_mask)  # (B, D)
+        else:
+            weights = self.text_pool(text).squeeze(-1).masked_fill(~text_mask, float("-inf")).softmax(dim=1)  # (B, L)
+            pooled_text = (weights.unsqueeze(-1) * text).sum(dim=1)  # (B, D)
         return FusionOutput(torch.cat([pooled_image, pooled_text], dim=-1), maps if need_weights else None)
 
     def forward(

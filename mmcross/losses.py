@@ -93,7 +93,10 @@ def _off_diagonal(known: torch.Tensor) -> torch.Tensor:
 
 
 def sample_hard_negatives(
-    similarity: torch.Tensor, generator: torch.Generator | None = None, known: torch.Tensor | None = None
+    similarity: torch.Tensor,
+    generator: torch.Generator | None = None,
+    known: torch.Tensor | None = None,
+    uniform: float = 0.0,
 ) -> tuple:
     """For each image a negative caption and for each caption a negative image, drawn by softmax(similarity).
 
@@ -101,6 +104,8 @@ def sample_hard_negatives(
         similarity: (B, B) image x caption logits of the local batch (diagonal = positives).
         generator: random source; None = torch's global RNG.
         known: (B, B) bool, True where caption j is known to describe image i too; never drawn.
+        uniform: draw from (1 - uniform) * softmax + uniform * the uniform distribution over allowed items: easy
+            negatives beside the hard ones, for a fusion trained from scratch beside an ITC that is no better.
 
     Returns:
         (negative caption per image (B,), negative image per caption (B,)), indices into the batch; -1 where every
@@ -115,6 +120,9 @@ def sample_hard_negatives(
         for weights, ok in ((F.softmax(sim, dim=1), allowed), (F.softmax(sim.T, dim=1), allowed.T)):
             weights = weights.masked_fill(~ok, 0) + 1e-12 * ok  # (B, B), zero exactly where not allowed
             has_any = ok.any(dim=1)  # (B,)
+            if uniform > 0:
+                flat = ok.float() / ok.sum(dim=1, keepdim=True).clamp_min(1)  # (B, B)
+                weights = (1 - uniform) * weights / weights.sum(dim=1, keepdim=True) + uniform * flat
             pick = torch.multinomial(weights + (~has_any)[:, None].float(), 1, generator=generator).squeeze(1)
             picks.append(pick.masked_fill(~has_any, -1))  # (B,)
     return picks[0], picks[1]
@@ -135,6 +143,7 @@ def itm_loss(
     similarity: torch.Tensor,
     pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
     known: torch.Tensor | None = None,
+    uniform: float = 0.0,
 ) -> torch.Tensor:
     """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`).
 
@@ -148,11 +157,12 @@ def itm_loss(
             positive and each caption's own hard negative (the attribute-swapped captions of `mmcross data synth`)
             as a negative; both enter the same BCE.
         known: (B, B) bool, True where caption j also describes image i: never drawn as a negative.
+        uniform: share of negatives drawn uniformly rather than by similarity (`sample_hard_negatives`).
     """
     b = similarity.shape[0]
     if b < 2:
         raise ValueError("ITM hard negatives need at least 2 images per batch")
-    neg_text, neg_image = sample_hard_negatives(similarity, known=known)
+    neg_text, neg_image = sample_hard_negatives(similarity, known=known, uniform=uniform)
     rows = torch.arange(b, device=neg_text.device)
     has_text, has_image = neg_text >= 0, neg_image >= 0  # (B,) a negative could be drawn
     # positives, image + negative caption, negative image + caption
@@ -191,6 +201,7 @@ class LossWeights:
     itm: float = 1.0  # ITM with hard negatives
     vse: float = 0.0  # VSE++ max-violation
     vse_margin: float = 0.2  # VSE++ margin
+    itm_uniform: float = 0.0  # share of ITM negatives drawn uniformly instead of by ITC similarity
 
 
 class MatchingLoss(nn.Module):
@@ -221,7 +232,7 @@ class MatchingLoss(nn.Module):
             terms["itc"] = self.itc(image_emb, text_emb, known)
         if w.itm:
             similarity = self.itc.scale().detach() * image_emb @ text_emb.T
-            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs, known)
+            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs, known, w.itm_uniform)
         if w.vse:
             terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin, known)
         total = sum(getattr(w, name) * value for name, value in terms.items())

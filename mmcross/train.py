@@ -425,7 +425,7 @@ def fit(
     if cfg.eval_split and is_main:
         eval_records = _read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split)[: cfg.eval_max_images]
 
-    weights = LossWeights(cfg.itc_weight, cfg.itm_weight, cfg.vse_weight, cfg.vse_margin)
+    weights = LossWeights(cfg.itc_weight, cfg.itm_weight, cfg.vse_weight, cfg.vse_margin, cfg.itm_uniform_negatives)
     loss_module = MatchingLoss(weights, cfg.init_temperature).to(device)
     module = TrainModule(matcher, loss_module)
     model: nn.Module = module

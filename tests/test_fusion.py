@@ -12,10 +12,13 @@ from mmcross.fusion import CrossAttention, Fusion, MatchHead
 
 P, DV, DT = 5, 12, 10  # patches, image and text token widths of the fake encoder outputs
 VARIANTS = ["joint", "text_to_image"]
+VARIANTS_AND_POOLS = [(v, pool) for pool in ("mean", "attention") for v in VARIANTS]
 
 
-def make_fusion(variant: str, seed: int = 0) -> tuple[Fusion, MatchHead]:
-    cfg = FusionCfg(variant=variant, dim=16, self_layers=1, cross_layers=2, heads=2, dim_head=8, mlp_ratio=2.0)
+def make_fusion(variant: str, seed: int = 0, text_pool: str = "mean") -> tuple[Fusion, MatchHead]:
+    cfg = FusionCfg(
+        variant=variant, dim=16, self_layers=1, cross_layers=2, heads=2, dim_head=8, mlp_ratio=2.0, text_pool=text_pool
+    )
     torch.manual_seed(seed)
     return Fusion(cfg, DV, DT).eval(), MatchHead(cfg.dim).eval()
 
@@ -101,10 +104,13 @@ def ref_pair(fusion: Fusion, head: MatchHead, image, text):
         for block in fusion.cross_layers:
             txt, weights = ref_block(block, txt, context=img)
             maps.append(weights)
-    pooled_img, pooled_txt = (
-        ref_layer_norm(img, fusion.norm_image).mean(0),
-        ref_layer_norm(txt, fusion.norm_text).mean(0),
-    )
+    pooled_img, txt = ref_layer_norm(img, fusion.norm_image).mean(0), ref_layer_norm(txt, fusion.norm_text)
+    if fusion.text_pool is None:
+        pooled_txt = txt.mean(0)
+    else:  # learned attention pooling: softmax of one score per real token
+        scores = ref_linear(txt, fusion.text_pool)[:, 0]
+        e = torch.exp(scores - scores.max())
+        pooled_txt = sum(w * t for w, t in zip(e / e.sum(), txt))
     pooled = torch.cat([pooled_img, pooled_txt, pooled_img * pooled_txt])
     ln, lin1, _, _, lin2 = head.net
     logit = ref_linear(ref_gelu(ref_linear(ref_layer_norm(pooled, ln), lin1)), lin2)[0]
@@ -131,9 +137,9 @@ def test_cross_attention_equals_manual_softmax_and_explicit_path_equals_sdpa():
     assert torch.allclose(weights.sum(-1), torch.ones(3, 2, 4))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_scores_and_attention_equal_naive_per_pair_reference(variant):
-    fusion, head = make_fusion(variant)
+@pytest.mark.parametrize("variant,text_pool", VARIANTS_AND_POOLS)
+def test_fused_scores_and_attention_equal_naive_per_pair_reference(variant, text_pool):
+    fusion, head = make_fusion(variant, text_pool=text_pool)
     lengths = [3, 7, 1, 5]
     image, text, mask = make_batch(lengths)
     with torch.no_grad():
@@ -149,9 +155,9 @@ def test_fused_scores_and_attention_equal_naive_per_pair_reference(variant):
     assert logits.std() > 1e-3  # the pairs really differ, so the comparison means something
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_appending_padding_changes_no_score(variant):
-    fusion, head = make_fusion(variant)
+@pytest.mark.parametrize("variant,text_pool", VARIANTS_AND_POOLS)
+def test_appending_padding_changes_no_score(variant, text_pool):
+    fusion, head = make_fusion(variant, text_pool=text_pool)
     image, text, mask = make_batch([2, 6, 4])
     _, padded_text, padded_mask = make_batch([2, 6, 4], pad_to=11, seed=2)  # other garbage in the padding
     padded_text[:, :6] = text
@@ -191,6 +197,8 @@ def test_cached_image_keys_values_and_broadcast_query_equal_recomputation():
 def test_unknown_variant_and_kv_of_joint_variant_are_errors():
     with pytest.raises(ValueError, match="text_to_image"):
         Fusion(FusionCfg(variant="nope"), DV, DT)
+    with pytest.raises(ValueError, match="attention"):
+        Fusion(FusionCfg(text_pool="max"), DV, DT)
     fusion, _ = make_fusion("joint")
     with pytest.raises(ValueError, match="text_to_image"):
         fusion.image_kv(torch.zeros(1, P, 16))

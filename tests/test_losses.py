@@ -98,3 +98,19 @@ def test_vse_ignores_known_matches():
         naive += max([max(0.0, 0.2 + sim[i, j] - sim[i, i]) for j in range(4) if j != i and not known[i, j]])
         naive += max([max(0.0, 0.2 + sim[j, i] - sim[i, i]) for j in range(4) if j != i and not known[j, i]])
     assert abs(float(vse_max_violation(image, text, 0.2, known)) - naive / 4) < 1e-5
+
+
+def test_uniform_share_of_negatives_reaches_the_easy_ones():
+    """With uniform=0.5 about half the draws ignore the similarity; the positive and known matches stay excluded."""
+    b = 4
+    sim = torch.full((b, b), -50.0)
+    sim[:, 1] = 50.0  # caption 1 is everyone's hardest negative
+    known = torch.zeros(b, b, dtype=torch.bool)
+    known[2, 3] = True
+    g = torch.Generator().manual_seed(0)
+    hard_only = [int(sample_hard_negatives(sim, generator=g, known=known)[0][0]) for _ in range(200)]
+    assert set(hard_only) == {1}
+    mixed = [sample_hard_negatives(sim, generator=g, known=known, uniform=0.5)[0] for _ in range(600)]
+    image0 = [int(m[0]) for m in mixed]
+    assert set(image0) == {1, 2, 3} and 0.55 < image0.count(1) / 600 < 0.78  # expected 0.5 + 0.5 / 3
+    assert all(int(m[2]) not in (2, 3) for m in mixed)  # image 2: never itself, never its known caption 3
