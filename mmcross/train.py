@@ -349,12 +349,16 @@ def _build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: Train
     return _FeatureCache(ImageCache(pooled, tokens), texts, first, captions, good)
 
 
-def known_matches(records: Sequence[Record], captions: Sequence[str]) -> torch.Tensor:
-    """(B, B) bool: caption j (the one drawn for image j) is also one of image i's own captions.
+def known_matches(
+    records: Sequence[Record], captions: Sequence[str], also_true: dict[str, list[str]] | None = None
+) -> torch.Tensor:
+    """(B, B) bool: caption j (the one drawn for image j) is also one of image i's own captions, or one of the
+    other captions `also_true[image_id]` lists as true of image i (a synth manifest's `statements`).
 
     Captions compare by `caption_key` (case, spacing, final period ignored). Such pairs are no negatives in the losses.
     """
-    own = [{caption_key(c) for c in record.captions} for record in records]
+    also_true = also_true or {}
+    own = [{caption_key(c) for c in [*record.captions, *also_true.get(record.image_id, ())]} for record in records]
     drawn = [caption_key(c) for c in captions]
     return torch.tensor([[caption in mine for caption in drawn] for mine in own], dtype=torch.bool)
 
@@ -397,10 +401,14 @@ def fit(
     if cfg.dataset_negatives and cfg.feature_cache:
         raise ValueError("train.dataset_negatives is not supported with train.feature_cache")
     negative_of: dict[str, dict[str, str]] = {}
+    also_true: dict[str, list[str]] = {}
     if cfg.dataset_negatives:
-        from mmcross.data.synth import read_negatives
+        from mmcross.data.synth import read_negatives, read_statements
 
         negative_of = read_negatives(cfg.data)
+        # every true caption of each scene, so another image's "a red circle left of a blue square" is not drawn as a
+        # negative of a scene where it holds too (the ITC sampler prefers exactly such same-object scenes)
+        also_true = read_statements(cfg.data)
     start_time = time.perf_counter()
     rank, size, device = _setup_distributed(cfg.device)
     run_dir = Path(run_dir)
@@ -473,7 +481,7 @@ def fit(
                     _raw_text(cache.texts, cap),
                     len(idx),
                     None,
-                    known_matches(rows, drawn).to(dev),
+                    known_matches(rows, drawn, also_true).to(dev),
                 )
                 m += 1
         total = (cfg.max_steps - step) * cfg.accum_steps
@@ -506,7 +514,13 @@ def fit(
                 if labelled:
                     rows, texts, labels = zip(*labelled)
                     pairs = (torch.tensor(rows), matcher.tokenize(list(texts)), torch.tensor(labels))
-            yield batch.pixels, matcher.tokenize(captions), len(captions), pairs, known_matches(batch.records, captions)
+            yield (
+                batch.pixels,
+                matcher.tokenize(captions),
+                len(captions),
+                pairs,
+                known_matches(batch.records, captions, also_true),
+            )
 
     bar = _progress(progress and is_main, cfg.max_steps, step)
     batches = micro_batches(step * cfg.accum_steps)

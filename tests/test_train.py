@@ -192,6 +192,8 @@ def test_known_matches_compare_captions_word_for_word():
         [False, True, False],
         [False, False, True],
     ]
+    also_true = {"c": ["a red square left of a blue circle"]}  # true of image c, though not one of its captions
+    assert known_matches(records, drawn, also_true)[2].tolist() == [True, False, True]
 
 
 def test_fit_tells_the_losses_which_in_batch_captions_are_true(tmp_path, monkeypatch):

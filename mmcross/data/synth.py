@@ -51,6 +51,7 @@ class SynthItem:
     negatives: list[str | None]  # negatives[i] is the hard negative of captions[i]; None where no false one exists
     split: str
     objects: list[Thing] = field(default_factory=list)
+    statements: list[str] = field(default_factory=list)  # every caption of the grammar true of the image
 
 
 def parse_holdout(combo: str) -> tuple[str, str]:
@@ -166,6 +167,16 @@ def _scene(rng: random.Random) -> list[Thing]:
     return objects
 
 
+def _statements(objects: list[Thing]) -> list[str]:
+    """Every caption of the grammar that is true of the scene: each object, each relation between two of them."""
+    found = [_text(("one", t.colour, t.shape)) for t in objects]
+    for a in objects:
+        for b in objects:
+            if a is not b:
+                found += [_text(("rel", (a.colour, a.shape), r, (b.colour, b.shape))) for r in _relations(a, b)]
+    return found
+
+
 def _captions(objects: list[Thing], rng: random.Random, relations: int) -> list[tuple]:
     """Every object's own caption, then up to `relations` relational captions.
 
@@ -214,6 +225,7 @@ def generate(
                 negatives=[p[1] for p in pairs],
                 split=split,
                 objects=objects,
+                statements=_statements(objects),
             )
         )
     return items
@@ -236,8 +248,9 @@ def write_synth(
     relations_per_image: int = 2,
 ) -> SynthSummary:
     """Generate the set into `out`: `images/*.png` and `manifest.jsonl`, one line per image with `image_id`,
-    `image` (relative path), `captions`, `negatives` (aligned with `captions`; null where a caption has none) and
-    `split`.
+    `image` (relative path), `captions`, `negatives` (aligned with `captions`; null where a caption has none),
+    `statements` (every caption of the grammar true of the image, relations included: training uses them to keep
+    true pairs out of its in-batch negatives) and `split`.
 
     The manifest is a JSONL table every mmcross command reads (`--format table`, or auto-detected).
     """
@@ -258,6 +271,7 @@ def write_synth(
                 "image": relative,
                 "captions": item.captions,
                 "negatives": item.negatives,
+                "statements": item.statements,
                 "split": item.split,
             }
             manifest.write(json.dumps(row) + "\n")
@@ -268,15 +282,31 @@ def write_synth(
     return SynthSummary(out, counts, sum(len(item.captions) for item in items), list(holdout or []))
 
 
-def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
-    """image_id -> {caption: its hard negative}, from a synth manifest (or any JSONL table with `negatives`)."""
-    negatives: dict[str, dict[str, str]] = {}
+def read_statements(manifest: str | Path) -> dict[str, list[str]]:
+    """image_id -> every caption true of the image (the manifest's `statements`; {} for a manifest without them)."""
+    found: dict[str, list[str]] = {}
+    with _manifest_path(manifest).open(encoding="utf-8") as rows:
+        for line in rows:
+            if line.strip():
+                row = json.loads(line)
+                if row.get("statements"):
+                    found[str(row["image_id"])] = list(row["statements"])
+    return found
+
+
+def _manifest_path(manifest: str | Path) -> Path:
     manifest = Path(manifest)
     if manifest.is_dir():
         manifest = manifest / MANIFEST
     if not manifest.is_file():
         raise ValueError(f"no {MANIFEST} with hard negatives at {manifest} (make one with `mmcross data synth`)")
-    with manifest.open(encoding="utf-8") as rows:
+    return manifest
+
+
+def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
+    """image_id -> {caption: its hard negative}, from a synth manifest (or any JSONL table with `negatives`)."""
+    negatives: dict[str, dict[str, str]] = {}
+    with _manifest_path(manifest).open(encoding="utf-8") as rows:
         for line in rows:
             if line.strip():
                 row = json.loads(line)
