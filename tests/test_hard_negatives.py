@@ -76,4 +76,6 @@ def test_negative_kind_names_what_the_negative_changed():
     assert negative_kind(caption, "a blue circle left of a red square") == "attributes"
     assert negative_kind(caption, "a blue square left of a red circle") == "arguments"
     assert negative_kind("a red circle", "a green circle") == "colour"
+    # one shape twice: the colour swap is the arguments swap, a question of position
+    assert negative_kind("a red circle left of a blue circle", "a blue circle left of a red circle") == "arguments"
     assert negative_kind("a dog", "a cat on a mat") == "other"

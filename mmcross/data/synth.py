@@ -319,6 +319,9 @@ def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
 def negative_kind(caption: str, negative: str) -> str:
     """What a synth negative changed: "colour" (one object, another colour), "attributes" (the two objects' colours
     swapped, relation kept) or "arguments" (the relation's two objects swapped); "other" for text not in the grammar.
+
+    Swapping the colours of two objects of one shape ("a red circle left of a blue circle") gives the arguments swap,
+    decided by where the objects are, not by which colour goes with which shape: it counts as "arguments".
     """
     a, b = caption.split(), negative.split()
     if len(a) == len(b) == 3:
@@ -326,7 +329,7 @@ def negative_kind(caption: str, negative: str) -> str:
     if len(a) != len(b) or len(a) < 7:
         return "other"
     # "a C1 S1 REL a C2 S2": the shapes stay in place when only the colours moved
-    return "attributes" if (a[2], a[-1]) == (b[2], b[-1]) else "arguments"
+    return "attributes" if (a[2], a[-1]) == (b[2], b[-1]) and a[2] != a[-1] else "arguments"
 
 
 def read_holdout(dataset: str | Path) -> list[str]:
