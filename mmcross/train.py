@@ -398,6 +398,8 @@ def fit(
         raise ValueError("train.feature_cache needs train.trainable=fusion (frozen encoders)")
     if cfg.batch_size < 2:
         raise ValueError("train.batch_size must be at least 2 (in-batch negatives)")
+    if not 0.0 <= cfg.itm_uniform_negatives <= 1.0:
+        raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
     if cfg.dataset_negatives and cfg.feature_cache:
         raise ValueError("train.dataset_negatives is not supported with train.feature_cache")
     negative_of: dict[str, dict[str, str]] = {}

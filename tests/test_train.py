@@ -214,3 +214,9 @@ def test_fit_tells_the_losses_which_in_batch_captions_are_true(tmp_path, monkeyp
     fit(_run(synth, max_steps=4, batch_size=16), tmp_path / "run", progress=False)
     assert len(seen) == 4 and all(k.shape == (16, 16) and k.diagonal().all() for k in seen)
     assert sum(int((k & ~torch.eye(16, dtype=torch.bool)).sum()) for k in seen) > 0  # shared captions were found
+
+
+def test_uniform_share_outside_zero_one_is_a_clear_error(shapes, tmp_path):
+    with pytest.raises(ValueError, match=r"share in \[0, 1\]"):
+        fit(_run(shapes, itm_uniform_negatives=1.5), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

@@ -167,14 +167,20 @@ def _scene(rng: random.Random) -> list[Thing]:
     return objects
 
 
+def _relational(objects: list[Thing]) -> list[tuple]:
+    """Every relational caption (as a tuple) that holds between two objects of the scene."""
+    return [
+        ("rel", (a.colour, a.shape), r, (b.colour, b.shape))
+        for a in objects
+        for b in objects
+        if a is not b
+        for r in _relations(a, b)
+    ]
+
+
 def _statements(objects: list[Thing]) -> list[str]:
     """Every caption of the grammar that is true of the scene: each object, each relation between two of them."""
-    found = [_text(("one", t.colour, t.shape)) for t in objects]
-    for a in objects:
-        for b in objects:
-            if a is not b:
-                found += [_text(("rel", (a.colour, a.shape), r, (b.colour, b.shape))) for r in _relations(a, b)]
-    return found
+    return [_text(("one", t.colour, t.shape)) for t in objects] + [_text(c) for c in _relational(objects)]
 
 
 def _captions(objects: list[Thing], rng: random.Random, relations: int) -> list[tuple]:
@@ -184,11 +190,7 @@ def _captions(objects: list[Thing], rng: random.Random, relations: int) -> list[
     tell "a red square" written for another scene with a red square from a negative (`mmcross.losses`, `known`).
     """
     single: list[tuple] = [("one", t.colour, t.shape) for t in objects]
-    relational: list[tuple] = []
-    for a in objects:
-        for b in objects:
-            if a is not b:
-                relational += [("rel", (a.colour, a.shape), r, (b.colour, b.shape)) for r in _relations(a, b)]
+    relational = _relational(objects)
     rng.shuffle(single)
     rng.shuffle(relational)
     return single + relational[:relations]

@@ -12,7 +12,10 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 THUMB = 160  # longest thumbnail side in pixels
 
@@ -225,7 +228,7 @@ def worst_failures(
     *,
     n: int = 20,
     above: int = 4,
-    matches=None,
+    matches: torch.Tensor | None = None,
 ) -> list[Failure]:
     """The `n` queries of each direction whose true match ranked lowest, with the `above` best wrong candidates.
 
@@ -254,7 +257,8 @@ def worst_failures(
         column = t2i[:, c]
         true_images = matches[:, c].nonzero().flatten()
         true = int(true_images[column[true_images].argmax()])  # the best-ranked image the caption describes
-        order = [int(i) for i in torch.argsort(-column, stable=True) if not matches[int(i), c]][:above]
+        wrong = column.masked_fill(matches[:, c], float("-inf"))  # (N_img,) images the caption does not describe
+        order = torch.argsort(-wrong, stable=True)[:above].tolist()
         order = order[: min(above, int(ranks[c]) - 1)]  # only what ranked above the true image
         own_id, own_src = images[true]
         out.append(
