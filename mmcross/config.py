@@ -40,6 +40,7 @@ class FusionCfg:
     mlp_ratio: float = 4.0  # feed-forward width as a multiple of `dim`
     dropout: float = 0.0  # dropout in attention and feed-forward layers
     grid_positions: bool = False  # add fixed 2D sin-cos positions to the image tokens (needs a square patch grid)
+    pair_readout: bool = False  # text_to_image: relation-network readout over ordered token pairs
     text_pool: str = "mean"  # how text states become one vector: "mean" over real tokens, or learned "attention"
     seed: int = 0  # initialisation seed of the fusion block and match head (same config -> same weights)
 

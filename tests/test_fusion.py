@@ -255,3 +255,76 @@ def test_match_head_adds_the_dual_encoder_cosine_with_a_learned_gain():
     image, text = pooled.chunk(2, dim=-1)
     widened = torch.cat([image, text, image * text], dim=-1)  # what the MLP sees: both sides and their product
     assert torch.allclose(head(pooled), head.net(widened).squeeze(-1))
+
+
+def test_pair_readout_equals_naive_loop_over_ordered_token_pairs():
+    """PairReadout: softmax over real pairs i < j of score_first(h_i) + score_second(h_j), each pair's MLP of
+    [h_i, h_j, looked_j - looked_i]; padded tokens take part in no pair."""
+    from mmcross.fusion import PairReadout
+
+    torch.manual_seed(0)
+    readout = PairReadout(8, hidden=6).eval()
+    text, looked = torch.randn(2, 5, 8), torch.rand(2, 5, 2)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with torch.no_grad():
+        got = readout(text, looked, mask)
+        for b in range(2):
+            n = int(mask[b].sum())
+            pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+            scores = torch.stack(
+                [
+                    ref_linear(text[b, i], readout.score_first)[0] + ref_linear(text[b, j], readout.score_second)[0]
+                    for i, j in pairs
+                ]
+            )
+            weights = torch.exp(scores - scores.max())
+            weights = weights / weights.sum()
+            want = torch.zeros(8)
+            for w, (i, j) in zip(weights, pairs):
+                hidden = (
+                    ref_linear(text[b, i], readout.first)
+                    + ref_linear(text[b, j], readout.second)
+                    + ref_linear(looked[b, j] - looked[b, i], readout.offset)
+                )
+                want += w * ref_linear(ref_gelu(hidden), readout.out[1])
+            assert torch.allclose(got[b], want, atol=1e-5)
+        # a caption of one real token has no pair: zeros, not NaN
+        assert torch.equal(readout(text[:1], looked[:1], torch.tensor([[True] + [False] * 4])), torch.zeros(1, 8))
+        # swapping where the first and the second token looked changes the readout: order is visible
+        swapped = looked.clone()
+        swapped[:, [0, 1]] = looked[:, [1, 0]]
+        assert not torch.allclose(readout(text, swapped, mask), got)
+
+
+def test_pair_readout_in_the_fusion_reads_the_last_cross_layer_and_ignores_padding():
+    from mmcross.fusion import grid_coords
+
+    cfg = FusionCfg(variant="text_to_image", dim=16, heads=2, dim_head=8, mlp_ratio=2.0, pair_readout=True)
+    torch.manual_seed(0)
+    fusion = Fusion(cfg, DV, DT).eval()
+    torch.manual_seed(0)
+    plain = Fusion(FusionCfg(**{**cfg.__dict__, "pair_readout": False}), DV, DT).eval()
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(2, 9, DV, generator=g), torch.randn(2, 6, DT, generator=g)  # a 3x3 grid
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    with torch.no_grad():
+        out = fusion(image, text, mask, need_weights=True)
+        # the same weights without the readout, plus the readout of the final text states at the looked-at places
+        base = plain(image, text, mask).pooled
+        states = plain.text_side(text, mask)
+        kv = plain.image_kv(plain.image_side(image))
+        for i, layer in enumerate(plain.cross_layers):
+            states = layer(states, mask, context_kv=kv[:, i])[0]
+        looked = out.attention[-1].mean(dim=1) @ grid_coords(9)  # (B, L, 2)
+        readout = fusion.pairs(fusion.norm_text(states), looked, mask)
+        assert torch.allclose(out.pooled, base + torch.cat([torch.zeros_like(readout), readout], -1), atol=1e-5)
+        padded = fusion(
+            image,
+            torch.cat([text, torch.randn(2, 3, DT)], 1),
+            torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
+        ).pooled
+        assert torch.allclose(out.pooled, padded, atol=1e-5)
+    with pytest.raises(ValueError, match="text_to_image"):
+        Fusion(FusionCfg(variant="joint", pair_readout=True), DV, DT)
+    with pytest.raises(ValueError, match="square grid"):
+        fusion(torch.randn(1, 5, DV), text[:1], mask[:1])

@@ -55,7 +55,9 @@ def test_eval_cli_reports_hard_negatives(synth, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["hard_negatives"]["pairs"] == report["captions"]  # every synth caption has its negative
+    rows = [json.loads(line) for line in (synth / "manifest.jsonl").read_text().splitlines()]
+    with_negative = sum(n is not None for row in rows if row["split"] == "test" for n in row["negatives"])
+    assert report["hard_negatives"]["pairs"] == with_negative  # every test caption that has a negative, once
     hard = report["hard_negatives"]
     assert "heldout_hard_negative_accuracy_score" in hard
     by_kind = hard["by_kind"]  # the synth grammar is known, so accuracies are split by what each negative changed

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from mmcross.data.synth import _holds, generate, parse_holdout
+from mmcross.data.synth import RELATIONS, _holds, generate, parse_holdout
 
 
 def _parse(caption: str) -> tuple:
@@ -119,6 +119,8 @@ def test_statements_list_every_true_caption_of_the_grammar():
     """`statements` holds each caption and every relation that holds, and nothing false: training's known matches."""
     for item in generate(150, seed=4):
         assert set(item.captions) <= set(item.statements)
+        # one relation word per axis: no inverse ("right of") that would make word order alone uninformative
+        assert {_parse(s)[2] for s in item.statements if _parse(s)[0] == "rel"} <= set(RELATIONS)
         assert all(_holds(item.objects, _parse(s)) for s in item.statements)
         things = item.objects
         for a in things:

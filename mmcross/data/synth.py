@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SIZES = ("small", "big")
+RELATIONS = ("left of", "above", "bigger than")  # one per axis, see `_relations`
 GRID = 3  # objects sit in distinct cells of a GRID x GRID layout
 BACKGROUND = (245, 245, 245)
 MANIFEST = "manifest.jsonl"
@@ -83,16 +84,19 @@ def _draw(objects: list[Thing], image_size: int) -> bytes:
 
 
 def _relations(a: Thing, b: Thing) -> list[str]:
-    """Relations that hold from a to b."""
+    """Relations that hold from a to b.
+
+    One word per axis ("left of", not also "right of"): with both a relation and its inverse, "a red circle left of
+    a blue square" is true and "a blue square left of a red circle" false, but "a blue square right of a red
+    circle" true again, so neither word order nor relation word says anything alone about the label (a parity of
+    the two) and gradient descent found no foothold: a fusion trained on such pairs could not even memorise 64 of
+    them. With one direction per axis the order of the two objects is the signal.
+    """
     found = []
     if a.col < b.col:
         found.append("left of")
-    if a.col > b.col:
-        found.append("right of")
     if a.row < b.row:
         found.append("above")
-    if a.row > b.row:
-        found.append("below")
     if a.size == "big" and b.size == "small":
         found.append("bigger than")
     return found
