@@ -24,9 +24,9 @@ Both sides are then mean-pooled (text over real tokens only) and `MatchHead` map
 product) to one match logit per pair. Padded text positions never act as keys and are left out of every pooling,
 so appending padding changes no score. With `grid_positions`, fixed 2D sin-cos positions are added to the
 projected image tokens. With `pair_readout` (text_to_image), a relation-network readout over ordered caption-token
-pairs adds where each token of a pair looked in the last cross layer (`PairReadout`): without it, no variant learnt
-the synthetic set's "a red circle left of a blue square" against "a blue square left of a red circle" (chance after
-1,500 steps); with it, 0.86.
+pairs adds where the two tokens of a pair looked in the last cross layer and what they saw there (`PairReadout`).
+Without it the synthetic set's "a red circle left of a blue square" against "a blue square left of a red circle"
+stayed at chance after 1,500 steps; with it, 0.84 on the held-out combinations ("bigger than" included, 0.77).
 """
 
 from __future__ import annotations
@@ -220,8 +220,9 @@ def grid_coords(p: int) -> torch.Tensor:
 class PairReadout(nn.Module):
     """A relation-network readout (Santoro et al. 2017) over ordered caption-token pairs.
 
-    For every pair of real tokens i < j (i first in the caption), an MLP sees both states and the offset between
-    where the two tokens looked in the image; a learned softmax over pairs weighs the results into one (B, D) vector.
+    For every pair of real tokens i < j (i first in the caption), an MLP sees both states, the offset between where
+    the two tokens looked in the image and the difference between what they saw there (the attention-weighted image
+    states: how big, what colour); a learned softmax over pairs weighs the results into one (B, D) vector.
     "a red circle left of a blue square" and its swap have the same tokens looking at the same places; only the
     order of the pair tells them apart, and here the order is given rather than learned.
     """
@@ -232,10 +233,12 @@ class PairReadout(nn.Module):
         self.score_first, self.score_second = nn.Linear(dim, 1), nn.Linear(dim, 1, bias=False)
         self.first, self.second = nn.Linear(dim, hidden), nn.Linear(dim, hidden, bias=False)
         self.offset = nn.Linear(2, hidden, bias=False)
+        self.content = nn.Linear(dim, hidden, bias=False)
         self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, text: torch.Tensor, looked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Text states (B, L, D), where each token looked (B, L, 2), mask (B, L) -> (B, D)."""
+    def forward(self, text: torch.Tensor, looked: torch.Tensor, seen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Text states (B, L, D), where each token looked (B, L, 2) and what it saw there (B, L, D), mask (B, L)
+        -> (B, D)."""
         b, n, _ = text.shape
         order = torch.ones(n, n, dtype=torch.bool, device=text.device).triu(diagonal=1)  # (L, L) i < j
         valid = mask[:, :, None] & mask[:, None, :] & order  # (B, L, L)
@@ -244,7 +247,13 @@ class PairReadout(nn.Module):
         weights = score.masked_fill(~valid, torch.finfo(score.dtype).min).flatten(1).softmax(dim=1).view(b, n, n)
         weights = weights * valid  # (B, L, L)
         offset = looked[:, None, :, :] - looked[:, :, None, :]  # (B, L, L, 2) from token i's place to token j's
-        hidden = self.first(text)[:, :, None] + self.second(text)[:, None, :] + self.offset(offset)  # (B, L, L, Dh)
+        content = self.content(seen)  # (B, L, Dh)
+        hidden = (
+            self.first(text)[:, :, None]
+            + self.second(text)[:, None, :]
+            + self.offset(offset)
+            + (content[:, None, :] - content[:, :, None])  # what j saw minus what i saw: "bigger than"
+        )  # (B, L, L, Dh)
         return (weights[..., None] * self.out(hidden)).sum(dim=(1, 2))  # (B, D)
 
 
@@ -375,6 +384,7 @@ class Fusion(nn.Module):
                     maps.append(weights)  # (B, H, L, P)
             if self.pairs is not None:  # where each token looked in the last cross layer, heads averaged
                 looked = weights.mean(dim=1) @ grid_coords(p).to(weights)  # (B, L, 2)
+                seen = weights.mean(dim=1) @ image  # (B, L, D) the image states each token looked at
         pooled_image = self.norm_image(image).mean(dim=1)  # (B, D)
         text = self.norm_text(text)  # (B, L, D)
         if self.text_pool is None:
@@ -383,7 +393,7 @@ class Fusion(nn.Module):
             weights = self.text_pool(text).squeeze(-1).masked_fill(~text_mask, float("-inf")).softmax(dim=1)  # (B, L)
             pooled_text = (weights.unsqueeze(-1) * text).sum(dim=1)  # (B, D)
         if self.pairs is not None:
-            pooled_text = pooled_text + self.pairs(text, looked, text_mask)  # (B, D)
+            pooled_text = pooled_text + self.pairs(text, looked, seen, text_mask)  # (B, D)
         return FusionOutput(torch.cat([pooled_image, pooled_text], dim=-1), maps if need_weights else None)
 
     def forward(

@@ -17,7 +17,7 @@ echo "== 3/6 index the test split"
 $MM index "$OUT/synth" --split test --checkpoint "$OUT/run" --out "$OUT/index"
 
 echo "== 4/6 search"
-for query in "a red circle left of a blue square" "a green triangle above a yellow circle" "a big blue square"; do
+for query in "a red circle left of a blue square" "a green triangle above a yellow circle" "a blue square bigger than a yellow circle"; do
   $MM search "$OUT/index" --text "$query" --k 3 --rerank 20
 done
 $MM search "$OUT/index" --text "a red circle left of a blue square" --k 8 --rerank 50 --html "$OUT/search.html" > /dev/null

@@ -259,15 +259,15 @@ def test_match_head_adds_the_dual_encoder_cosine_with_a_learned_gain():
 
 def test_pair_readout_equals_naive_loop_over_ordered_token_pairs():
     """PairReadout: softmax over real pairs i < j of score_first(h_i) + score_second(h_j), each pair's MLP of
-    [h_i, h_j, looked_j - looked_i]; padded tokens take part in no pair."""
+    [h_i, h_j, looked_j - looked_i, seen_j - seen_i]; padded tokens take part in no pair."""
     from mmcross.fusion import PairReadout
 
     torch.manual_seed(0)
     readout = PairReadout(8, hidden=6).eval()
-    text, looked = torch.randn(2, 5, 8), torch.rand(2, 5, 2)
+    text, looked, seen = torch.randn(2, 5, 8), torch.rand(2, 5, 2), torch.randn(2, 5, 8)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     with torch.no_grad():
-        got = readout(text, looked, mask)
+        got = readout(text, looked, seen, mask)
         for b in range(2):
             n = int(mask[b].sum())
             pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
@@ -285,15 +285,18 @@ def test_pair_readout_equals_naive_loop_over_ordered_token_pairs():
                     ref_linear(text[b, i], readout.first)
                     + ref_linear(text[b, j], readout.second)
                     + ref_linear(looked[b, j] - looked[b, i], readout.offset)
+                    + ref_linear(seen[b, j] - seen[b, i], readout.content)
                 )
                 want += w * ref_linear(ref_gelu(hidden), readout.out[1])
             assert torch.allclose(got[b], want, atol=1e-5)
         # a caption of one real token has no pair: zeros, not NaN
-        assert torch.equal(readout(text[:1], looked[:1], torch.tensor([[True] + [False] * 4])), torch.zeros(1, 8))
+        assert torch.equal(
+            readout(text[:1], looked[:1], seen[:1], torch.tensor([[True] + [False] * 4])), torch.zeros(1, 8)
+        )
         # swapping where the first and the second token looked changes the readout: order is visible
         swapped = looked.clone()
         swapped[:, [0, 1]] = looked[:, [1, 0]]
-        assert not torch.allclose(readout(text, swapped, mask), got)
+        assert not torch.allclose(readout(text, swapped, seen, mask), got)
 
 
 def test_pair_readout_in_the_fusion_reads_the_last_cross_layer_and_ignores_padding():
@@ -316,7 +319,8 @@ def test_pair_readout_in_the_fusion_reads_the_last_cross_layer_and_ignores_paddi
         for i, layer in enumerate(plain.cross_layers):
             states = layer(states, mask, context_kv=kv[:, i])[0]
         looked = out.attention[-1].mean(dim=1) @ grid_coords(9)  # (B, L, 2)
-        readout = fusion.pairs(fusion.norm_text(states), looked, mask)
+        seen = out.attention[-1].mean(dim=1) @ plain.image_side(image)  # (B, L, D)
+        readout = fusion.pairs(fusion.norm_text(states), looked, seen, mask)
         assert torch.allclose(out.pooled, base + torch.cat([torch.zeros_like(readout), readout], -1), atol=1e-5)
         padded = fusion(
             image,
