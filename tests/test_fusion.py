@@ -221,25 +221,31 @@ def test_grid_positions_are_sin_cos_of_column_and_row():
         grid_positions(5, 8)
 
 
-def test_grid_positions_change_scores_but_keep_padding_invariance():
-    cfg = FusionCfg(variant="text_to_image", dim=16, heads=2, dim_head=8, mlp_ratio=2.0, grid_positions=True)
+def twin_fusions(flag: str, patches: int) -> tuple[Fusion, Fusion, tuple]:
+    """A text_to_image fusion with `flag` on, the same weights with it off, and a batch on a square grid of patches."""
+    cfg = FusionCfg(variant="text_to_image", dim=16, heads=2, dim_head=8, mlp_ratio=2.0, **{flag: True})
     torch.manual_seed(0)
     fusion = Fusion(cfg, DV, DT).eval()
     torch.manual_seed(0)
-    plain = Fusion(FusionCfg(**{**cfg.__dict__, "grid_positions": False}), DV, DT).eval()
+    plain = Fusion(FusionCfg(**{**cfg.__dict__, flag: False}), DV, DT).eval()
     g = torch.Generator().manual_seed(3)
-    image = torch.randn(2, 4, DV, generator=g)  # a 2x2 grid
-    text = torch.randn(2, 6, DT, generator=g)
+    image, text = torch.randn(2, patches, DV, generator=g), torch.randn(2, 6, DT, generator=g)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    return fusion, plain, (image, text, mask)
+
+
+def padded_pooled(fusion: Fusion, image, text, mask) -> torch.Tensor:
+    """The fusion's pooled output with three garbage padding positions appended to every caption."""
+    more_text, more_mask = torch.randn(2, 3, DT), torch.zeros(2, 3, dtype=torch.bool)
+    return fusion(image, torch.cat([text, more_text], 1), torch.cat([mask, more_mask], 1)).pooled
+
+
+def test_grid_positions_change_scores_but_keep_padding_invariance():
+    fusion, plain, (image, text, mask) = twin_fusions("grid_positions", patches=4)  # a 2x2 grid
     with torch.no_grad():
         out = fusion(image, text, mask).pooled
         assert not torch.allclose(out, plain(image, text, mask).pooled)
-        padded = fusion(
-            image,
-            torch.cat([text, torch.randn(2, 3, DT)], 1),
-            torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
-        )
-        assert torch.allclose(out, padded.pooled, atol=1e-5)
+        assert torch.allclose(out, padded_pooled(fusion, image, text, mask), atol=1e-5)
 
 
 def test_match_head_adds_the_dual_encoder_cosine_with_a_learned_gain():
@@ -302,14 +308,7 @@ def test_pair_readout_equals_naive_loop_over_ordered_token_pairs():
 def test_pair_readout_in_the_fusion_reads_the_last_cross_layer_and_ignores_padding():
     from mmcross.fusion import grid_coords
 
-    cfg = FusionCfg(variant="text_to_image", dim=16, heads=2, dim_head=8, mlp_ratio=2.0, pair_readout=True)
-    torch.manual_seed(0)
-    fusion = Fusion(cfg, DV, DT).eval()
-    torch.manual_seed(0)
-    plain = Fusion(FusionCfg(**{**cfg.__dict__, "pair_readout": False}), DV, DT).eval()
-    g = torch.Generator().manual_seed(3)
-    image, text = torch.randn(2, 9, DV, generator=g), torch.randn(2, 6, DT, generator=g)  # a 3x3 grid
-    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    fusion, plain, (image, text, mask) = twin_fusions("pair_readout", patches=9)  # a 3x3 grid
     with torch.no_grad():
         out = fusion(image, text, mask, need_weights=True)
         # the same weights without the readout, plus the readout of the final text states at the looked-at places
@@ -322,12 +321,7 @@ def test_pair_readout_in_the_fusion_reads_the_last_cross_layer_and_ignores_paddi
         seen = out.attention[-1].mean(dim=1) @ plain.image_side(image)  # (B, L, D)
         readout = fusion.pairs(fusion.norm_text(states), looked, seen, mask)
         assert torch.allclose(out.pooled, base + torch.cat([torch.zeros_like(readout), readout], -1), atol=1e-5)
-        padded = fusion(
-            image,
-            torch.cat([text, torch.randn(2, 3, DT)], 1),
-            torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
-        ).pooled
-        assert torch.allclose(out.pooled, padded, atol=1e-5)
+        assert torch.allclose(out.pooled, padded_pooled(fusion, image, text, mask), atol=1e-5)
     with pytest.raises(ValueError, match="text_to_image"):
         Fusion(FusionCfg(variant="joint", pair_readout=True), DV, DT)
     with pytest.raises(ValueError, match="square grid"):
