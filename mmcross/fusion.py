@@ -20,9 +20,9 @@ its own bidirectional self-attention (`self_layers`), then a cross module mixes 
   tokens, then a feed-forward. The image side never changes, so its per-layer keys/values (X, 2, H, P, Dh) depend
   on the image alone and can be computed once and cached (`Fusion.image_kv`).
 
-Both sides are then mean-pooled (text over real tokens only) and `MatchHead` maps them (and their elementwise
-product) to one match logit per pair. Padded text positions never act as keys and are left out of every pooling,
-so appending padding changes no score. With `grid_positions`, fixed 2D sin-cos positions are added to the
+Both sides are then pooled (image: mean; text: mean or learned attention over real tokens, `text_pool`) and
+`MatchHead` maps them (and their elementwise product) to one match logit per pair. Padded text positions never
+act as keys and are left out of every pooling, so appending padding changes no score. With `grid_positions`, fixed 2D sin-cos positions are added to the
 projected image tokens. With `pair_readout` (text_to_image), a relation-network readout over ordered caption-token
 pairs adds where the two tokens of a pair looked in the last cross layer and what they saw there (`PairReadout`).
 Without it the synthetic set's "a red circle left of a blue square" against "a blue square left of a red circle"
@@ -376,15 +376,17 @@ class Fusion(nn.Module):
             image, text = x[:, :p], x[:, p:]  # (B, P, D), (B, L, D)
         else:
             kv = self.image_kv(image) if image_kv is None else image_kv  # (B or 1, X, 2, H, P, Dh)
+            last = len(self.cross_layers) - 1
             for i, layer in enumerate(self.cross_layers):
-                text, weights = layer(
-                    text, text_mask, context_kv=kv[:, i], need_weights=need_weights or self.pairs is not None
-                )
+                # explicit weights (no fused attention) only where they are used: maps, or the pair readout's input
+                wanted = need_weights or (self.pairs is not None and i == last)
+                text, weights = layer(text, text_mask, context_kv=kv[:, i], need_weights=wanted)
                 if need_weights:
                     maps.append(weights)  # (B, H, L, P)
             if self.pairs is not None:  # where each token looked in the last cross layer, heads averaged
-                looked = weights.mean(dim=1) @ grid_coords(p).to(weights)  # (B, L, 2)
-                seen = weights.mean(dim=1) @ image  # (B, L, D) the image states each token looked at
+                looked_at = weights.mean(dim=1)  # (B, L, P)
+                looked = looked_at @ grid_coords(p).to(looked_at)  # (B, L, 2)
+                seen = looked_at @ image  # (B, L, D) the image states each token looked at
         pooled_image = self.norm_image(image).mean(dim=1)  # (B, D)
         text = self.norm_text(text)  # (B, L, D)
         if self.text_pool is None:
