@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test test-slow lint bench screenshot
+.PHONY: help install demo test test-slow lint bench bench-train screenshot
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,3 +35,7 @@ screenshot: install  ## Search gallery in headless Chromium (apt-get install chr
 
 bench: install  ## Benchmarks -> bench-results.json
 	$(PY) -m benchmarks.run --out bench-results.json
+
+bench-train: install  ## mmcross train vs open_clip_train, same tower/data/15 min each (FULL=1: an hour) -> bench-train.json
+	$(PY) -m pip install --quiet -e '.[dev,peers]'
+	$(PY) -m benchmarks.bench_train --out bench-train.json $(if $(FULL),--full,)

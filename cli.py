@@ -487,7 +487,12 @@ def train(
 
     with user_errors():
         result = train_from_config(config, out, parse_set_options(set_ or []), resume=resume, progress=progress)
-    summary = {"run_dir": str(result.run_dir), "step": result.step, "seconds": round(result.seconds, 1)}
+    summary = {
+        "run_dir": str(result.run_dir),
+        "step": result.step,
+        "stopped_by": result.stopped_by,
+        "seconds": round(result.seconds, 1),
+    }
     if (result.run_dir / "log.jsonl").is_file() and os.environ.get("RANK", "0") == "0":  # rank 0 writes the log
         from mmcross.report.plots import loss_curve
 

@@ -84,8 +84,12 @@ class TrainCfg:
     trainable: str = "all"  # "fusion": encoders frozen; "last_n": fusion + last `last_n_blocks` blocks of each tower
     last_n_blocks: int = 2  # encoder blocks per tower that train when trainable = "last_n"
     feature_cache: bool = False  # with trainable = "fusion": encode every image and caption once, train on the cache
-    augment: bool = True  # open_clip's training augmentation (RandomResizedCrop) instead of the eval transform
-    batch_size: int = 64  # images per micro-batch per process (one random caption each)
+    augment: bool = True  # random resized crops (as open_clip's training transform) instead of the eval transform
+    augment_min_scale: float = 0.9  # smallest area share a random crop keeps (open_clip's default 0.9)
+    decode_cache: str = "auto"  # where decoded training images are kept ("auto": $MMCROSS_CACHE/decoded, else
+    # ~/.cache/mmcross/decoded; "none": decode every image at every step); see `mmcross.data.decoded`
+    decode_cache_max_gb: float = 8.0  # a training set whose decoded array would be larger streams from its files
+    batch_size: int = 64  # images per micro-batch per process (one caption each; an epoch shows every caption)
     accum_steps: int = 1  # micro-batches per optimiser step (effective batch = batch_size * accum_steps * world)
     max_steps: int = 1000  # optimiser steps; the cosine schedule ends here
     max_minutes: float = 0.0  # stop (and checkpoint, evaluate) after this much wall time; 0 = no limit
@@ -104,7 +108,9 @@ class TrainCfg:
     vse_margin: float = 0.2  # margin of the VSE++ loss
     init_temperature: float = 0.07  # initial ITC temperature (learned, as log(1/T), clamped to T >= 0.01)
     seed: int = 0  # data order, augmentation, hard-negative sampling, dropout
-    workers: int = 0  # DataLoader worker processes decoding images
+    workers: int = 0  # DataLoader worker processes decoding images (streaming and dev evaluation; not needed with
+    # the decode cache, whose one-time build uses every core)
+    threads: int = 0  # torch intra-op threads of the training process; 0 = every core
     ckpt_every: int = 0  # write last.safetensors + optimiser state every N steps (0 = only at the end)
     log_every: int = 10  # write a JSONL log line every N steps
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1

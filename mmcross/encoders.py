@@ -87,6 +87,9 @@ class ImageEncoder(nn.Module):
             )
         elif isinstance(visual, ModifiedResNet):
             self.token_dim = visual.attnpool.k_proj.in_features
+            # oneDNN's convolutions run ~1.5x faster on CPU in NHWC (measured: ModifiedResNet [1,2,2,1] x32 at
+            # 96 px, forward + backward of 128 images, 1.52 s -> 1.01 s on 2 cores); values are unchanged
+            visual.to(memory_format=torch.channels_last)
         elif isinstance(visual, TimmModel):
             self.token_dim = visual.trunk.num_features
         else:
@@ -100,7 +103,7 @@ class ImageEncoder(nn.Module):
         if isinstance(visual, VisionTransformer):
             pooled, tokens = visual(pixels)  # (B, E), (B, P, Dv)
         elif isinstance(visual, ModifiedResNet):
-            x = visual.stem(pixels)
+            x = visual.stem(pixels.contiguous(memory_format=torch.channels_last))
             x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, Dv, h, w)
             tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, Dv)
             pooled = visual.attnpool(x)

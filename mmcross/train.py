@@ -34,13 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
+from mmcross.data.decoded import DecodedImages, augment_batch, default_cache_dir
 from mmcross.data.loader import collate, load_item
-from mmcross.data.records import Record, caption_key
+from mmcross.data.records import Record, RejectLog, caption_key
 from mmcross.encoders import ImageFeatures, TextFeatures
 from mmcross.losses import LossWeights, MatchingLoss, world
 from mmcross.model import ImageCache, Matcher, TextCache
@@ -62,6 +64,7 @@ class FitResult:
     eval: dict[str, Any] | None  # the last dev evaluation (`mmcross.evaluate.evaluate` output)
     losses: list[dict[str, float]]  # every step's log entry from this call
     matcher: Matcher | None = None  # the trained model (this process's copy)
+    stopped_by: str = "max_steps"  # "max_steps": the whole budget ran; "max_minutes": the safety stop fired first
 
 
 # ---- what trains ---------------------------------------------------------------------------------------------------
@@ -113,6 +116,12 @@ def _mix(*values: int) -> int:
 class EpochPlan:
     """Which images and captions micro-batch m holds: a fixed function of (seed, epoch, position), so resumable.
 
+    An epoch shows every caption of every image once: it is R rounds (R = the most captions any image has), each a
+    fresh permutation of the images, and in round r image i carries its caption (o_i + r) mod n_i, o_i a random
+    offset drawn per epoch. So the images of one micro-batch are distinct (captions of one image are never one
+    another's negatives), and an image with fewer captions than R repeats some of them. A round drops the last
+    `n_images mod global batch` images of its permutation.
+
     Args:
         n_images: images in the training set.
         caption_counts: captions per image.
@@ -123,27 +132,29 @@ class EpochPlan:
 
     def __init__(self, n_images: int, caption_counts: Sequence[int], batch: int, world_size: int, seed: int):
         self.n, self.batch, self.world_size, self.seed = n_images, batch, world_size, seed
-        self.counts = torch.tensor(list(caption_counts))
-        self.per_epoch = n_images // (batch * world_size)
-        if self.per_epoch < 1:
+        self.counts = torch.tensor(list(caption_counts)).clamp_min(1)
+        self.rounds = int(self.counts.max()) if n_images else 1
+        self.per_round = n_images // (batch * world_size)
+        if self.per_round < 1:
             raise ValueError(f"{n_images} training images are fewer than one global batch ({batch * world_size})")
-        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.per_epoch = self.rounds * self.per_round
+        self._cached: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
-    def _epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cached is None or self._cached[0] != epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
-            perm = torch.randperm(self.n, generator=g)
-            caption = torch.randint(0, 1 << 30, (self.n,), generator=g) % self.counts
-            self._cached = (epoch, perm, caption)
-        return self._cached[1], self._cached[2]
+    def _draw(self, what: str, key: tuple[int, ...], make) -> torch.Tensor:
+        cached = self._cached.get(what)
+        if cached is None or cached[0] != key:
+            cached = self._cached[what] = (key, make(torch.Generator().manual_seed(_mix(self.seed, *key))))
+        return cached[1]
 
     def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
         """(epoch, image indices, caption index per image) of global micro-batch `m` for `rank`."""
         epoch, within = divmod(m, self.per_epoch)
-        perm, caption = self._epoch(epoch)
-        start = within * self.batch * self.world_size + rank * self.batch
+        round_, position = divmod(within, self.per_round)
+        offset = self._draw("offset", (epoch, 1), lambda g: torch.randint(0, 1 << 30, (self.n,), generator=g))
+        perm = self._draw("perm", (epoch, round_, 5), lambda g: torch.randperm(self.n, generator=g))
+        start = position * self.batch * self.world_size + rank * self.batch
         images = perm[start : start + self.batch]
-        return epoch, images.tolist(), caption[images].tolist()
+        return epoch, images.tolist(), ((offset[images] + round_) % self.counts[images]).tolist()
 
 
 class PlannedImages(torch.utils.data.Dataset):
@@ -352,20 +363,103 @@ def _build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: Train
 def known_matches(
     records: Sequence[Record], captions: Sequence[str], also_true: dict[str, list[str]] | None = None
 ) -> torch.Tensor:
-    """(B, B) bool: caption j (the one drawn for image j) is also one of image i's own captions, or one of the
-    other captions `also_true[image_id]` lists as true of image i (a synth manifest's `statements`).
+    """(B, B) bool: caption j (the one drawn for image j) is also true of image i: image j is image i (the same file
+    under two records), the caption is one of image i's own captions, or one of the other captions
+    `also_true[image_id]` lists as true of image i (a synth manifest's `statements`).
 
     Captions compare by `caption_key` (case, spacing, final period ignored). Such pairs are no negatives in the losses.
     """
     also_true = also_true or {}
     own = [{caption_key(c) for c in [*record.captions, *also_true.get(record.image_id, ())]} for record in records]
     drawn = [caption_key(c) for c in captions]
-    return torch.tensor([[caption in mine for caption in drawn] for mine in own], dtype=torch.bool)
+    where = [record.where for record in records]
+    return torch.tensor(
+        [[caption in mine or where[j] == where[i] for j, caption in enumerate(drawn)] for i, mine in enumerate(own)],
+        dtype=torch.bool,
+    )
 
 
 def _raw_text(texts: TextCache, index: torch.Tensor) -> TextFeatures:
     sel = texts.select(index)
     return TextFeatures(sel.pooled, sel.tokens, sel.mask)  # pooled is normalised; the losses normalise again
+
+
+def _normalisation(transform) -> tuple[list[float], list[float]]:
+    """(mean, std) of the `Normalize` step of an image transform (open_clip's preprocess)."""
+    from torchvision.transforms import Normalize
+
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, Normalize):
+            return list(step.mean), list(step.std)
+    raise ValueError("the image transform has no Normalize step")
+
+
+def _streaming_transform(matcher: Matcher, cfg: TrainCfg):
+    """The PIL transform of the streaming path: open_clip's training transform with `augment_min_scale`."""
+    from torchvision.transforms import Compose, RandomResizedCrop
+
+    encoder = matcher.image_encoder
+    if not cfg.augment or encoder.preprocess_train is None:
+        return encoder.preprocess
+    steps = list(getattr(encoder.preprocess_train, "transforms", []))
+    if steps and isinstance(steps[0], RandomResizedCrop):
+        first = steps[0]
+        steps[0] = RandomResizedCrop(
+            first.size, scale=(cfg.augment_min_scale, 1.0), ratio=first.ratio, interpolation=first.interpolation
+        )
+        return Compose(steps)
+    return encoder.preprocess_train
+
+
+def _decode_cache(
+    matcher: Matcher, records: Sequence[Record], cfg: TrainCfg, run_dir: Path, rank: int, size: int
+) -> DecodedImages | None:
+    """The decoded training images (built by rank 0 on first use), or None to stream (cache off or too large)."""
+    if cfg.decode_cache.lower() in ("none", "off", "") or cfg.feature_cache:
+        return None
+    h, w = matcher.image_encoder.image_size
+    side = max(h, w) if not cfg.augment else math.ceil(max(h, w) * 1.15 / 8) * 8  # a margin for the crops
+    if DecodedImages.nbytes(len(records), side) > cfg.decode_cache_max_gb * 2**30:
+        log.warning(
+            "the decoded training set would take %.1f GB > train.decode_cache_max_gb=%s; streaming from the files",
+            DecodedImages.nbytes(len(records), side) / 2**30,
+            cfg.decode_cache_max_gb,
+        )
+        return None
+    folder = default_cache_dir() if cfg.decode_cache.lower() == "auto" else Path(cfg.decode_cache)
+    kwargs = dict(dataset=cfg.data, split=cfg.split, cfg=DataCfg(format=cfg.format), workers=os.cpu_count() or 1)
+    if size > 1 and rank != 0:
+        dist.barrier()  # rank 0 builds it
+    started = time.perf_counter()
+    decoded = DecodedImages.open_or_build(records, side, folder, **kwargs)
+    if size > 1 and rank == 0:
+        dist.barrier()
+    if decoded.built:
+        log.info(
+            "decoded %d training images at %d px in %.1f s -> %s",
+            len(records),
+            side,
+            time.perf_counter() - started,
+            decoded.folder,
+        )
+    return decoded
+
+
+def _dataset_pairs(matcher: Matcher, records: Sequence[Record], captions: Sequence[str], negative_of):
+    """Every caption of each image that has a swapped negative, and that negative, as labelled ITM pairs: the
+    binding signal, which the one drawn caption per image would give a third as often (one encoded image, 2n pairs).
+    """
+    labelled = [
+        (row, text, label)
+        for row, (r, drawn) in enumerate(zip(records, captions))
+        for caption, negative in negative_of.get(r.image_id, {}).items()
+        for text, label in ((caption, 1.0), (negative, 0.0))
+        if text != drawn  # the drawn caption is already the ITM's positive
+    ]
+    if not labelled:
+        return None
+    rows, texts, labels = zip(*labelled)
+    return torch.tensor(rows), matcher.tokenize(list(texts)), torch.tensor(labels)
 
 
 def fit(
@@ -430,6 +524,8 @@ def fit(
     else:
         matcher = create_matcher(run.model, pretrained=run.pretrained, device=device, overrides=run.matcher)
     set_trainable(matcher, cfg.trainable, cfg.last_n_blocks)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     records = _read_records(cfg.data, cfg.format, cfg.split)
     eval_records: list[Record] = []
     if cfg.eval_split and is_main:
@@ -458,10 +554,18 @@ def fit(
         _truncate_log(run_dir / LOG_FILE, step)
 
     cache = _build_feature_cache(matcher, records, cfg) if cfg.feature_cache else None
+    decoded = _decode_cache(matcher, records, cfg, run_dir, rank, size)
+    decoded_rows = None
+    if decoded is not None:
+        if is_main and decoded.rejects:
+            RejectLog(run_dir).write(decoded.rejects)
+        decoded_rows = np.flatnonzero(decoded.ok)  # training records are the images that decoded
+        records = [records[i] for i in decoded_rows]
+        if not records:
+            raise ValueError(f"none of the training images of {cfg.data} could be decoded (see rejects.jsonl)")
+        mean, std = _normalisation(matcher.image_encoder.preprocess)
     plan = EpochPlan(len(records), [len(r.captions) for r in records], cfg.batch_size, size, cfg.seed)
-    transform = matcher.image_encoder.preprocess_train if cfg.augment else matcher.image_encoder.preprocess
-    if transform is None:
-        transform = matcher.image_encoder.preprocess
+    transform = _streaming_transform(matcher, cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
 
     def micro_batches(first: int):
@@ -486,8 +590,26 @@ def fit(
                     known_matches(rows, drawn, also_true).to(dev),
                 )
                 m += 1
-        total = (cfg.max_steps - step) * cfg.accum_steps
         h, w = matcher.image_encoder.image_size
+        if decoded is not None:
+            m = first
+            while True:
+                _, images, caption_idx = plan.micro_batch(m, rank)
+                generator = torch.Generator().manual_seed(_mix(cfg.seed, m, rank, 4))  # this micro-batch's crops
+                pixels = augment_batch(
+                    decoded.batch(decoded_rows[images]),
+                    (h, w),
+                    mean,
+                    std,
+                    min_scale=cfg.augment_min_scale if cfg.augment else None,
+                    generator=generator,
+                )
+                rows = [records[i] for i in images]
+                captions = [r.captions[c] for r, c in zip(rows, caption_idx)]
+                pairs = _dataset_pairs(matcher, rows, captions, negative_of) if negative_of else None
+                yield pixels, matcher.tokenize(captions), len(captions), pairs, known_matches(rows, captions, also_true)
+                m += 1
+        total = (cfg.max_steps - step) * cfg.accum_steps
         dataset = PlannedImages(records, plan, first, total, rank, transform, DataCfg(format=cfg.format), (w, h))
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -502,20 +624,7 @@ def fit(
                 yield None, None, 0, None, None
                 continue
             captions = [r.captions[caption_of[i]] for i, r in zip(batch.indices, batch.records)]
-            pairs = None
-            if negative_of:
-                # Every caption of the image that has a swapped negative, and that negative: the binding signal,
-                # which the one drawn caption per image would give a third as often (one encoded image, 2n pairs).
-                labelled = [
-                    (row, text, label)
-                    for row, (r, drawn) in enumerate(zip(batch.records, captions))
-                    for caption, negative in negative_of.get(r.image_id, {}).items()
-                    for text, label in ((caption, 1.0), (negative, 0.0))
-                    if text != drawn  # the drawn caption is already the ITM's positive
-                ]
-                if labelled:
-                    rows, texts, labels = zip(*labelled)
-                    pairs = (torch.tensor(rows), matcher.tokenize(list(texts)), torch.tensor(labels))
+            pairs = _dataset_pairs(matcher, batch.records, captions, negative_of) if negative_of else None
             yield (
                 batch.pixels,
                 matcher.tokenize(captions),
@@ -530,6 +639,7 @@ def fit(
     last_eval = None
     log_file = (run_dir / LOG_FILE).open("a") if is_main else None
     window_samples, window_start = 0, time.perf_counter()
+    stopped_by = "max_steps"
     module.train()
     try:
         while step < cfg.max_steps:
@@ -597,13 +707,18 @@ def fit(
             if on_step is not None:
                 on_step(entry)
             if out_of_time:
+                stopped_by = "max_minutes"
                 log.warning("stopping at step %d: train.max_minutes=%s reached", step, cfg.max_minutes)
                 break
+        if log_file:
+            # what the run promised (max_steps) and what it did: a safety stop is never silent
+            done = {"step": step, "stopped_by": stopped_by, "max_steps": cfg.max_steps}
+            log_file.write(json.dumps({**done, "elapsed_s": round(time.perf_counter() - start_time, 2)}) + "\n")
     finally:
         if log_file:
             log_file.close()
         bar(None, None)
-    return FitResult(run_dir, step, time.perf_counter() - start_time, best, last_eval, losses, matcher)
+    return FitResult(run_dir, step, time.perf_counter() - start_time, best, last_eval, losses, matcher, stopped_by)
 
 
 def _all_agree(flag: bool, device: torch.device) -> bool:

@@ -27,3 +27,12 @@ def flickr8k() -> Path:
     if not (FLICKR8K / "Flickr8k.token.txt").is_file():
         pytest.skip("../shared/data/flickr8k is not on this machine")
     return FLICKR8K
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_image_cache(tmp_path_factory):
+    """Training runs keep their decoded images in a session folder, never in the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MMCROSS_CACHE", str(tmp_path_factory.mktemp("mmcross-cache")))
+    yield
+    mp.undo()

@@ -75,7 +75,7 @@ def loss_curve(log: str | Path, out: str | Path | None = None) -> Path:
     if not log.is_file():
         raise FileNotFoundError(f"no training log {log}")
     rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if "step" in r and "eval" not in r]
+    rows = [r for r in rows if "loss" in r]  # not the eval lines, nor the final {"stopped_by"} line
     if not rows:
         raise ValueError(f"{log} has no loss lines")
     terms = [

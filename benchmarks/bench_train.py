@@ -1,0 +1,213 @@
+"""`make bench-train`: mmcross's trainer against open_clip's own (`open_clip_train`) on the same tower, data and wall.
+
+Both train the `rn-small` architecture (open_clip config `mmcross-rn-small`, registered for the peer with
+`open_clip.add_model_config`) from random initialisation on the Flickr8k train split, batch 128, the same peak
+learning rate, weight decay and warm-up share, for the same wall budget (default 15 minutes each; `--full` for 60).
+Each schedule is sized to the budget from that trainer's own throughput, measured first in a short probe run, so
+both finish their cosine inside the budget:
+
+- mmcross: `mmcross train --config configs/flickr8k-scratch.yaml` with `train.max_steps` = budget x its samples/s;
+  ITC + ITM as in the config; the decoded-image cache is built by the probe (its time is reported apart).
+- open_clip_train: InfoNCE, its CSV loader (pandas; `pip install -e '.[peers]'`) over a CSV with every caption of
+  every image, shuffled and repeated to budget x its samples/s rows, one epoch, one decoding worker (the other core
+  goes to its torch threads), its default augmentation.
+
+Both checkpoints are then evaluated by `mmcross eval` on the 1,000 dev images (the peer's, converted to
+safetensors, through `--pretrained`, dual encoder only: it has no match head). Output: one JSON file.
+
+Usage: python -m benchmarks.bench_train [--minutes 15 | --full] [--out bench-train.json] [--work build/bench-train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
+CONFIG = ROOT / "configs" / "flickr8k-scratch.yaml"
+BATCH, LR, WD, WARMUP_SHARE, SEED = 128, 1e-3, 0.1, 0.08, 0
+PROBE_STEPS = 20
+MMCROSS = [sys.executable, str(ROOT / "cli.py")]
+PEER = (
+    "import sys, open_clip; from mmcross.config import PRESET_DIR; "
+    "open_clip.add_model_config(PRESET_DIR / 'open_clip'); "
+    "from open_clip_train.main import main; main(sys.argv[1:])"
+)
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """Run `cmd`, its output to `log`; returns its wall seconds; raises with the log's tail on failure."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {code}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def _pairs() -> list[tuple[str, str]]:
+    """(image path, caption) of every caption of the Flickr8k train split, as mmcross reads it."""
+    from mmcross.config import DataCfg
+    from mmcross.data.registry import open_dataset
+
+    records = open_dataset(str(FLICKR8K), DataCfg(format="flickr", split="train")).records()
+    return [(str(r.path), caption) for r in records if r.path is not None for caption in r.captions]
+
+
+def _peer_csv(pairs: list[tuple[str, str]], rows: int, path: Path) -> None:
+    """`rows` pairs: shuffled passes over every caption (each pass a new order), as open_clip's CsvDataset reads."""
+    rng = random.Random(SEED)
+    out: list[tuple[str, str]] = []
+    while len(out) < rows:
+        order = pairs[:]
+        rng.shuffle(order)
+        out.extend(order)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["filepath", "title"])
+        writer.writerows(out[:rows])
+
+
+def _peer(work: Path, name: str, csv_path: Path, steps: int) -> list[str]:
+    return [
+        sys.executable, "-c", PEER,
+        "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", "\t",
+        "--csv-img-key", "filepath", "--csv-caption-key", "title",
+        "--model", "mmcross-rn-small", "--batch-size", str(BATCH), "--epochs", "1",
+        "--lr", str(LR), "--wd", str(WD), "--warmup", str(max(1, round(WARMUP_SHARE * steps))),
+        "--workers", "1", "--precision", "fp32", "--device", "cpu", "--seed", str(SEED),
+        "--save-frequency", "1", "--log-every-n-steps", "5", "--logs", str(work), "--name", name,
+    ]  # fmt: skip
+
+
+def _peer_rate(log: Path) -> float:
+    """The last samples/s figure open_clip_train printed."""
+    rates = re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s", log.read_text())
+    if not rates:
+        raise RuntimeError(f"no throughput line in {log}")
+    return float(rates[-1])
+
+
+def _ours(out: Path, steps: int, minutes: float, eval_split: str = "null") -> list[str]:
+    sets = {
+        "train.max_steps": steps,
+        "train.warmup_steps": max(1, round(WARMUP_SHARE * steps)),
+        "train.max_minutes": minutes,
+        "train.eval_split": eval_split,
+        "train.ckpt_every": 0,
+        "train.log_every": 5,
+        "train.batch_size": BATCH,
+        "train.lr": LR,
+        "train.weight_decay": WD,
+        "train.seed": SEED,
+        "train.data": str(FLICKR8K),
+    }
+    cmd = [*MMCROSS, "train", "--config", str(CONFIG), "--out", str(out), "--no-progress"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    return cmd
+
+
+def _log_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _eval(work: Path, name: str, model_args: list[str], rerank: int) -> dict:
+    out = work / f"{name}-dev.json"
+    cmd = [*MMCROSS, "eval", str(FLICKR8K), "--split", "dev", *model_args, "--rerank", str(rerank), "--out", str(out)]
+    _run(cmd, work / f"{name}-eval.log")
+    doc = json.loads(out.read_text())
+    result = {"dual_rsum": doc["metrics"]["rsum"], "dual": doc["metrics"]}
+    if doc.get("rerank_metrics"):
+        result.update(rerank_k=rerank, rerank_rsum=doc["rerank_metrics"]["rsum"], rerank=doc["rerank_metrics"])
+    return result
+
+
+def _to_safetensors(checkpoint: Path, out: Path) -> Path:
+    """open_clip_train's checkpoint (written by this benchmark) -> safetensors; tensors only (weights_only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    doc = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v.contiguous() for k, v in doc["state_dict"].items()}
+    save_file(state, str(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall budget of each trainer")
+    parser.add_argument("--full", action="store_true", help="the full hour each (--minutes 60)")
+    parser.add_argument("--out", default="bench-train.json")
+    parser.add_argument("--work", default="build/bench-train", help="run folders, logs, the peer's CSV")
+    args = parser.parse_args()
+    minutes = 60.0 if args.full else args.minutes
+    work = (ROOT / args.work).resolve()
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        import pandas  # noqa: F401 - open_clip_train's CSV loader
+    except ImportError:
+        sys.exit("bench-train needs pandas for open_clip_train's CSV loader: pip install -e '.[peers]'")
+    pairs = _pairs()
+    budget_s = minutes * 60
+    result: dict = {"budget_minutes": minutes, "batch": BATCH, "lr": LR, "weight_decay": WD, "train_pairs": len(pairs)}
+    result["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    # throughput probes (the mmcross one also builds the decoded-image cache, timed apart)
+    probe_wall = _run(_ours(work / "probe-mmcross", PROBE_STEPS, 0), work / "probe-mmcross.log")
+    lines = [e for e in _log_lines(work / "probe-mmcross") if "loss" in e]
+    ours_rate = lines[-1]["samples_per_s"]
+    _peer_csv(pairs, PROBE_STEPS * BATCH, work / "probe.csv")
+    _run(_peer(work, "probe-peer", work / "probe.csv", PROBE_STEPS), work / "probe-peer.log")
+    peer_rate = _peer_rate(work / "probe-peer" / "out.log")
+    result["probe"] = {
+        "mmcross_samples_per_s": ours_rate,
+        "peer_samples_per_s": peer_rate,
+        "mmcross_wall_s": probe_wall,
+    }
+
+    # the budgeted runs: each schedule sized to what that trainer does in the budget (5 % kept for start-up)
+    ours_steps = max(PROBE_STEPS, int(0.95 * budget_s * ours_rate / BATCH))
+    wall = _run(_ours(work / "mmcross", ours_steps, minutes), work / "mmcross.log")
+    done = _log_lines(work / "mmcross")[-1]
+    result["mmcross"] = {
+        "steps": done["step"],
+        "max_steps": ours_steps,
+        "stopped_by": done["stopped_by"],
+        "wall_s": wall,
+    }
+    peer_steps = max(PROBE_STEPS, int(0.95 * budget_s * peer_rate / BATCH))
+    _peer_csv(pairs, peer_steps * BATCH, work / "peer.csv")
+    wall = _run(_peer(work, "peer", work / "peer.csv", peer_steps), work / "peer.log")
+    result["open_clip_train"] = {
+        "steps": peer_steps,
+        "wall_s": wall,
+        "samples_per_s": _peer_rate(work / "peer" / "out.log"),
+    }
+
+    # both evaluated the same way, on dev
+    result["mmcross"]["dev"] = _eval(work, "mmcross", ["--checkpoint", str(work / "mmcross")], rerank=32)
+    weights = _to_safetensors(work / "peer" / "checkpoints" / "epoch_1.pt", work / "peer.safetensors")
+    result["open_clip_train"]["dev"] = _eval(work, "peer", ["--model", "rn-small", "--pretrained", str(weights)], 0)
+    ours, peer = result["mmcross"]["dev"]["dual_rsum"], result["open_clip_train"]["dev"]["dual_rsum"]
+    result["dual_rsum_ratio"] = round(ours / peer, 3) if peer else None
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Decode once: the uint8 cache holds the eval-geometry pixels, is reused, rebuilt when its files change, records
+rejects; tensor crops match torchvision's geometry; the epoch plan shows every caption; training reads the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from mmcross.config import load_run_cfg
+from mmcross.data.decoded import DecodedImages, augment_batch
+from mmcross.data.records import Record
+from mmcross.train import EpochPlan, fit, known_matches
+from tests.train_helpers import make_shapes
+
+
+def _records(root: Path, n: int = 5, size=(40, 30)) -> list[Record]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        path = root / f"{i}.png"
+        pixels = (np.arange(size[0] * size[1] * 3).reshape(size[1], size[0], 3) * (i + 1) % 251).astype(np.uint8)
+        Image.fromarray(pixels).save(path)
+        out.append(Record(f"{i}.png", [f"caption {i}"], "train", path))
+    return out
+
+
+def test_cache_holds_eval_geometry_and_is_reused(tmp_path):
+    records = _records(tmp_path / "img")
+    first = DecodedImages.open_or_build(records, 16, tmp_path / "cache", dataset=str(tmp_path), split="train")
+    assert first.built and first.pixels.shape == (5, 16, 16, 3) and first.ok.all() and not first.rejects
+    for i, record in enumerate(records):
+        image = Image.open(record.path).convert("RGB")
+        expected = np.asarray(TF.center_crop(TF.resize(image, 16, InterpolationMode.BICUBIC), [16, 16]))
+        assert np.array_equal(first.pixels[i], expected)
+    again = DecodedImages.open_or_build(records, 16, tmp_path / "cache", dataset=str(tmp_path), split="train")
+    assert not again.built and again.folder == first.folder and np.array_equal(again.pixels, first.pixels)
+    other_size = DecodedImages.open_or_build(records, 12, tmp_path / "cache", dataset=str(tmp_path), split="train")
+    assert other_size.built and other_size.folder != first.folder
+
+
+def test_cache_is_rebuilt_when_a_file_changes_and_records_rejects(tmp_path):
+    records = _records(tmp_path / "img")
+    before = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    records[2].path.write_bytes(b"not an image at all")
+    os.utime(records[2].path, ns=(1, 1))  # a new mtime even on a coarse clock
+    after = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    assert after.built and after.folder != before.folder
+    assert after.ok.tolist() == [True, True, False, True, True]
+    assert [r.path for r in after.rejects] == [str(records[2].path)]
+    reopened = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    assert not reopened.built and [r.reason for r in reopened.rejects] == [r.reason for r in after.rejects]
+
+
+def test_a_killed_build_leaves_no_cache(tmp_path):
+    records = _records(tmp_path / "img")
+    first = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    (first.folder / "meta.json").unlink()  # as if killed after the array, before its meta.json
+    rebuilt = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    assert rebuilt.built and np.array_equal(rebuilt.pixels, first.pixels)
+
+
+def test_whole_image_resize_is_an_area_average():
+    images = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+    out = augment_batch(images, (4, 4), [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], min_scale=None)
+    x = images.permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(out, F.interpolate(x, size=(4, 4), mode="area"), atol=1e-6)
+    same = augment_batch(images, (8, 8), [0.5, 0.4, 0.3], [0.2, 0.3, 0.4], min_scale=None)
+    mean, std = torch.tensor([0.5, 0.4, 0.3])[:, None, None], torch.tensor([0.2, 0.3, 0.4])[:, None, None]
+    assert torch.allclose(same, (x - mean) / std, atol=1e-5)
+
+
+def test_random_crops_are_seeded_and_stay_inside():
+    images = torch.zeros(16, 20, 20, 3, dtype=torch.uint8)
+    images[:, :, :10] = 255  # left half white: a crop's mean tells where it lies
+    crop = lambda seed: augment_batch(  # noqa: E731
+        images, (8, 8), [0, 0, 0], [1, 1, 1], min_scale=0.3, generator=torch.Generator().manual_seed(seed)
+    )
+    a, b, c = crop(1), crop(1), crop(2)
+    assert a.shape == (16, 3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    assert len({round(float(m), 3) for m in a.mean(dim=(1, 2, 3))}) > 1  # different crops per image
+
+
+def test_an_epoch_shows_every_caption_once_with_distinct_images():
+    counts = [5, 5, 5, 5, 5, 5, 5, 5]
+    plan = EpochPlan(8, counts, batch=4, world_size=1, seed=3)
+    assert plan.per_epoch == 5 * 2
+    seen = []
+    for m in range(plan.per_epoch):
+        epoch, images, captions = plan.micro_batch(m, 0)
+        assert epoch == 0 and len(set(images)) == len(images) == 4
+        seen += list(zip(images, captions))
+    assert sorted(seen) == [(i, c) for i in range(8) for c in range(5)]
+    assert plan.micro_batch(plan.per_epoch, 0)[0] == 1
+    assert plan.micro_batch(3, 0) == EpochPlan(8, counts, 4, 1, 3).micro_batch(3, 0)  # a function of its inputs
+
+
+def test_fewer_captions_repeat_and_every_one_is_seen():
+    plan = EpochPlan(6, [1, 2, 3, 3, 2, 1], batch=3, world_size=1, seed=0)
+    seen: dict[int, set[int]] = {}
+    for m in range(plan.per_epoch):
+        _, images, captions = plan.micro_batch(m, 0)
+        for i, c in zip(images, captions):
+            seen.setdefault(i, set()).add(c)
+    assert {i: len(c) for i, c in seen.items()} == {0: 1, 1: 2, 2: 3, 3: 3, 4: 2, 5: 1}
+
+
+def test_the_same_image_is_never_a_negative():
+    a = Record("a.jpg", ["a dog"], path=Path("/x/a.jpg"))
+    again = Record("a.jpg#2", ["a brown dog runs"], path=Path("/x/a.jpg"))
+    other = Record("b.jpg", ["a cat"], path=Path("/x/b.jpg"))
+    known = known_matches([a, again, other], ["a dog", "a brown dog runs", "a cat"])
+    assert known.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def _cfg(manifest: Path, **train) -> object:
+    base = {
+        "train.data": str(manifest),
+        "train.batch_size": "4",
+        "train.max_steps": "3",
+        "train.warmup_steps": "1",
+        "train.log_every": "1",
+        "train.eval_split": "none",
+    }
+    return load_run_cfg(None, {**base, **{f"train.{k}": str(v) for k, v in train.items()}})
+
+
+def test_cached_and_streamed_training_see_the_same_pixels(tmp_path):
+    manifest = make_shapes(tmp_path / "shapes", n_train=8, n_dev=2)  # 64 px images: the tiny model's input size
+    cached = fit(_cfg(manifest, augment="false"), tmp_path / "cached", progress=False)
+    streamed = fit(_cfg(manifest, augment="false", decode_cache="none"), tmp_path / "streamed", progress=False)
+    for a, b in zip(cached.losses, streamed.losses):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+
+
+def test_training_records_unreadable_images_and_goes_on(tmp_path):
+    manifest = make_shapes(tmp_path / "shapes", n_train=10, n_dev=2)
+    (tmp_path / "shapes" / "images" / "003.png").write_bytes(b"\x89PNG broken")
+    result = fit(_cfg(manifest), tmp_path / "run", progress=False)
+    assert result.step == 3
+    rejects = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["path"].endswith("003.png")
