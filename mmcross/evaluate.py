@@ -22,7 +22,7 @@ import torch
 from mmcross.config import DataCfg
 from mmcross.data.loader import image_loader
 from mmcross.data.records import Record, caption_key
-from mmcross.metrics import DEFAULT_KS, retrieval_metrics
+from mmcross.metrics import DEFAULT_KS, image_to_text_ranks, rank_changes, retrieval_metrics, text_to_image_ranks
 from mmcross.model import ImageCache, Matcher, TextCache
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,9 @@ def evaluate(
             re-ranked order when `k` > 0), as `mmcross.report.gallery.Failure` objects under "failures".
 
     Returns:
-        {"metrics", "rerank_metrics" (None when k = 0), "images", "captions", "rejects", "seconds"[, "failures"]}.
+        {"metrics", "rerank_metrics" (None when k = 0), "rerank_effect" (per direction: queries whose true match
+        the re-rank moved up / down / not, and the sign test's p; None when k = 0), "images", "captions", "rejects",
+        "seconds"[, "failures"]}.
     """
     was_training = matcher.training
     matcher.eval()
@@ -153,7 +155,7 @@ def evaluate(
         split = encode_split(matcher, records, batch_size=batch_size, workers=workers)
         similarity = split.images.pooled.float() @ split.texts.pooled.float().T  # (N_img, N_cap)
         metrics = retrieval_metrics(similarity, split.caption_image, ks, split.matches)
-        rerank = None
+        rerank = rerank_effect = None
         t2i_sim = i2t_sim = similarity
         if k > 0:
             images = matcher.prepare_images(split.images.to(dtype=matcher.dtype))
@@ -164,11 +166,23 @@ def evaluate(
             i2t = retrieval_metrics(i2t_sim, split.caption_image, ks, split.matches)
             rerank = {key: (t2i if key.startswith("image_") else i2t)[key] for key in metrics if key != "rsum"}
             rerank["rsum"] = 100.0 * sum(v for key, v in rerank.items() if "recall@" in key)
+            # per query: did the re-rank move the true match up or down (the rsum alone hides a wash of both)
+            rerank_effect = {
+                "image_retrieval": rank_changes(
+                    text_to_image_ranks(similarity, split.caption_image, split.matches),
+                    text_to_image_ranks(t2i_sim, split.caption_image, split.matches),
+                ),
+                "text_retrieval": rank_changes(
+                    image_to_text_ranks(similarity, split.caption_image, split.matches),
+                    image_to_text_ranks(i2t_sim, split.caption_image, split.matches),
+                ),
+            }
     finally:
         matcher.train(was_training)
     result = {
         "metrics": metrics,
         "rerank_metrics": rerank,
+        "rerank_effect": rerank_effect,
         "images": len(split.image_ids),
         "captions": int(split.caption_image.numel()),
         "rejects": split.rejects,

@@ -13,6 +13,8 @@ high, so a model that scores everything the same gets the worst rank, not the be
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 DEFAULT_KS = (1, 5, 10)
@@ -106,3 +108,26 @@ def retrieval_metrics(
     metrics["text_retrieval_median_rank"] = float(i2t.float().median())
     metrics["rsum"] = 100.0 * sum(v for key, v in metrics.items() if "recall@" in key)
     return metrics
+
+
+def sign_test(up: int, down: int) -> float:
+    """Two-sided exact sign test: the probability of a split at least as uneven as `up` : `down` under a fair coin
+    (ties are left out before calling)."""
+    n = up + down
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(up, down) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def rank_changes(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """Per-query effect of a re-ranking: how many queries' true match moved up, down or stayed, and the sign test.
+
+    Args:
+        before: (Q,) 1-based ranks of each query's true match (0 = no true match, left out), e.g. dual encoder.
+        after: (Q,) the same queries' ranks after re-ranking.
+    """
+    keep = (before > 0) & (after > 0)
+    before, after = before[keep], after[keep]
+    up, down = int((after < before).sum()), int((after > before).sum())
+    return {"up": up, "down": down, "same": int(keep.sum()) - up - down, "sign_test_p": sign_test(up, down)}

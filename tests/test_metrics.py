@@ -91,3 +91,22 @@ def test_repeated_captions_describe_every_image_they_are_written_for(seed):
     same[:, 1] = same[:, 0] = same[:, 4] = torch.tensor([1.0, 1.0, 0, 1.0, 0, 0])
     assert retrieval_metrics(same, caption_image, matches=matches)["text_retrieval_recall@1"] == 1.0
     assert retrieval_metrics(same, caption_image)["text_retrieval_recall@1"] < 1.0
+
+
+def test_sign_test_against_the_binomial_by_hand():
+    from math import comb
+
+    from mmcross.metrics import sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(9, 1) == pytest.approx(2 * (comb(10, 0) + comb(10, 1)) / 2**10)
+    assert sign_test(1, 9) == sign_test(9, 1)
+    assert sign_test(246, 184) < 0.01  # last session's Flickr8k re-rank: p ~ 0.003
+
+
+def test_rank_changes_counts_each_query_once():
+    from mmcross.metrics import rank_changes
+
+    before = torch.tensor([1, 3, 5, 2, 0, 7])
+    after = torch.tensor([1, 1, 6, 2, 0, 2])  # same, up, down, same, (no match), up
+    assert rank_changes(before, after) == {"up": 2, "down": 1, "same": 2, "sign_test_p": pytest.approx(1.0)}

@@ -51,8 +51,9 @@ def test_short_run_lowers_the_loss(shapes, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.safetensors") is not None
 
 
-def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path):
-    cfg = _run(shapes, ckpt_every=2)
+@pytest.mark.parametrize("augment", [False, True])  # True: random crops on the decoded-image cache
+def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path, augment):
+    cfg = _run(shapes, ckpt_every=2, augment=augment)
     full = fit(cfg, tmp_path / "full", progress=False)
 
     class Killed(Exception):
