@@ -412,7 +412,7 @@ def _streaming_transform(matcher: Matcher, cfg: TrainCfg):
 
 
 def _decode_cache(
-    matcher: Matcher, records: Sequence[Record], cfg: TrainCfg, run_dir: Path, rank: int, size: int
+    matcher: Matcher, records: Sequence[Record], cfg: TrainCfg, rank: int, size: int
 ) -> DecodedImages | None:
     """The decoded training images (built by rank 0 on first use), or None to stream (cache off or too large)."""
     if cfg.decode_cache.lower() in ("none", "off", "") or cfg.feature_cache:
@@ -554,7 +554,7 @@ def fit(
         _truncate_log(run_dir / LOG_FILE, step)
 
     cache = _build_feature_cache(matcher, records, cfg) if cfg.feature_cache else None
-    decoded = _decode_cache(matcher, records, cfg, run_dir, rank, size)
+    decoded = _decode_cache(matcher, records, cfg, rank, size)
     decoded_rows = None
     if decoded is not None:
         if is_main and decoded.rejects:

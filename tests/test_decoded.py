@@ -15,11 +15,10 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from mmcross.config import load_run_cfg
 from mmcross.data.decoded import DecodedImages, augment_batch
 from mmcross.data.records import Record
 from mmcross.train import EpochPlan, fit, known_matches
-from tests.train_helpers import make_shapes
+from tests.train_helpers import make_shapes, short_run
 
 
 def _records(root: Path, n: int = 5, size=(40, 30)) -> list[Record]:
@@ -123,15 +122,7 @@ def test_the_same_image_is_never_a_negative():
 
 
 def _cfg(manifest: Path, **train) -> object:
-    base = {
-        "train.data": str(manifest),
-        "train.batch_size": "4",
-        "train.max_steps": "3",
-        "train.warmup_steps": "1",
-        "train.log_every": "1",
-        "train.eval_split": "none",
-    }
-    return load_run_cfg(None, {**base, **{f"train.{k}": str(v) for k, v in train.items()}})
+    return short_run(manifest, {"train.batch_size": "4", "train.max_steps": "3"}, **train)
 
 
 def test_cached_and_streamed_training_see_the_same_pixels(tmp_path):

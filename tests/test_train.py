@@ -14,7 +14,7 @@ from mmcross.config import load_run_cfg
 from mmcross.data.records import Record
 from mmcross.factory import create_matcher, load_checkpoint
 from mmcross.train import fit, known_matches, set_trainable
-from tests.train_helpers import make_shapes
+from tests.train_helpers import make_shapes, short_run
 
 
 @pytest.fixture(scope="session")
@@ -24,17 +24,13 @@ def shapes(tmp_path_factory) -> Path:
 
 def _run(manifest: Path, **train) -> object:
     base = {
-        "train.data": str(manifest),
         "train.batch_size": "8",
         "train.max_steps": "6",
-        "train.warmup_steps": "1",
         "train.lr": "1e-3",
-        "train.log_every": "1",
         "train.augment": "false",
-        "train.eval_split": "none",
         "fusion.dropout": "0.1",
     }
-    return load_run_cfg(None, {**base, **{f"train.{k}": str(v) for k, v in train.items()}})
+    return short_run(manifest, base, **train)
 
 
 def _log(run_dir: Path) -> list[dict]:

@@ -35,3 +35,17 @@ def make_shapes(root: Path, n_train: int = 24, n_dev: int = 8, size: int = 64) -
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
+
+
+def short_run(manifest: Path, base: dict[str, str] | None = None, **train):
+    """A `RunCfg` for a few steps on `manifest` without dev evaluation; `train` sets `train.*` fields."""
+    from mmcross.config import load_run_cfg
+
+    fields = {
+        "train.data": str(manifest),
+        "train.warmup_steps": "1",
+        "train.log_every": "1",
+        "train.eval_split": "none",
+        **(base or {}),
+    }
+    return load_run_cfg(None, {**fields, **{f"train.{k}": str(v) for k, v in train.items()}})

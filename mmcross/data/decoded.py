@@ -86,10 +86,6 @@ class DecodedImages:
     folder: Path
     built: bool  # decoded in this call (False: read from an earlier run)
 
-    @property
-    def size(self) -> int:
-        return int(self.pixels.shape[1])
-
     @staticmethod
     def nbytes(n_images: int, size: int) -> int:
         return n_images * size * size * 3
