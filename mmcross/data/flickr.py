@@ -20,10 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mmcross.config import DataCfg
-from mmcross.data.records import IMAGE_EXTENSIONS, ReadStats, Record, clean_caption, find_first, read_lines
+from mmcross.data.karpathy import find_karpathy_json, read_karpathy_splits
+from mmcross.data.records import (
+    IMAGE_DIRS,
+    IMAGE_EXTENSIONS,
+    ReadStats,
+    Record,
+    clean_caption,
+    find_first,
+    read_lines,
+)
 
 NAME = "flickr"
-IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
 _TOKEN_PATTERNS = ("*.token.txt", "results_*.token", "*.token")
 _SPLIT_LIST = re.compile(r"(train|dev|val|test)Images\.txt$", re.IGNORECASE)
 
@@ -103,8 +111,6 @@ def read(path: Path, cfg: DataCfg, stats: ReadStats) -> Iterator[Record]:
     stats.notes.append(f"captions from {token.name}, images in {image_dir}")
     splits = read_split_lists(folder, stats)
     if not splits:
-        from mmcross.data.karpathy import find_karpathy_json, read_karpathy_splits
-
         karpathy = find_karpathy_json(folder)
         if karpathy is not None:
             splits = read_karpathy_splits(karpathy)

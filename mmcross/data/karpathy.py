@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mmcross.config import DataCfg
-from mmcross.data.flickr import IMAGE_DIRS
-from mmcross.data.records import ReadStats, Record, clean_caption, decode_text, normalise_split
+from mmcross.data.records import IMAGE_DIRS, ReadStats, Record, clean_caption, decode_text, normalise_split
 
 NAME = "karpathy"
 _SPLITS = {"train": "train", "restval": "train", "val": "dev", "dev": "dev", "test": "test"}

@@ -17,6 +17,8 @@ SPLITS = ("train", "dev", "test")
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev", "test": "test"}
 UNASSIGNED = "unassigned"  # how reports name records that no split lists
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# folders that hold a dataset's images, by the names Flickr8k, Flickr30k and their mirrors use
+IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
 
 
 @dataclass
