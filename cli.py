@@ -23,6 +23,18 @@ PRETRAINED_HELP = "Weights: an open_clip tag (e.g. laion2b_s34b_b79k), a local c
 SET_HELP = "Override a config field, e.g. --set fusion.cross_layers=3 (repeatable)."
 
 
+def _ref(model: str | None, pretrained: str | None, checkpoint: Path | None, set_: list[str] | None):
+    """The model reference of a command's model options (`mmcross.config.ModelRef`)."""
+    from mmcross.config import ModelRef, parse_set_options
+
+    return ModelRef(
+        model=model or "vit-b-32",
+        pretrained=pretrained,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        overrides=parse_set_options(set_ or []),
+    )
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library log messages.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, force=True)
@@ -76,23 +88,15 @@ def embed(
     """Embed captions and/or images with the dual encoder: unit vectors, images first, then captions."""
     import numpy as np
 
-    from mmcross.config import parse_set_options
-    from mmcross.embed import embed_images, embed_texts
-    from mmcross.encoders import load_encoders
-    from mmcross.factory import resolve_cfg
+    from mmcross.encode import embed as embed_items
+    from mmcross.factory import load_matcher
 
     if not text and not image:
         typer.echo("error: give at least one --text or --image", err=True)
         raise typer.Exit(2)
     with user_errors():
-        cfg = resolve_cfg(model, pretrained, parse_set_options(set_ or []))
-        encoders = load_encoders(cfg.encoder)
-        parts = []
-        if image:
-            parts.append(embed_images(encoders, list(image), batch_size=batch_size))
-        if text:
-            parts.append(embed_texts(encoders, list(text), batch_size=batch_size))
-    vectors = np.concatenate(parts).astype(np.float32)
+        matcher = load_matcher(_ref(model, pretrained, None, set_))
+        vectors = embed_items(matcher, images=list(image or []), captions=list(text or []), batch_size=batch_size)
     if out is not None:
         np.save(out, vectors)
         typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}", err=True)
@@ -261,10 +265,6 @@ def data_synth(
 CHECKPOINT_HELP = "A mmcross checkpoint (.safetensors) or a training run directory (its best, else last checkpoint)."
 
 
-def _model_ref(model: str, pretrained: str | None, checkpoint: Path | None) -> dict:
-    return {"preset": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None}
-
-
 @app.command()
 def index(
     dataset: str = typer.Argument(..., help=DATASET_HELP),
@@ -293,19 +293,16 @@ def index(
     ),
 ) -> None:
     """Embed a dataset into an index folder in clip-retrieval's layout, with a token cache for re-ranking."""
-    from mmcross.config import DataCfg, parse_set_options
+    from mmcross.config import DataCfg
     from mmcross.factory import load_matcher
     from mmcross.index.build import BuildOptions, build_index, rank_from_env, setup_distributed
 
     with user_errors():
-        if faiss not in ("none", "flat", "ivf", "hnsw"):
-            raise ValueError(f"--faiss takes none, flat, ivf or hnsw, not {faiss!r}")
-        if resume and append:
-            raise ValueError("give --resume or --append, not both")
         r, w = rank_from_env(rank, world_size)
         setup_distributed(r, w)
         data_cfg = DataCfg(format=fmt, split=split, image_root=str(image_root) if image_root else None)
-        matcher = load_matcher(model, pretrained, checkpoint, parse_set_options(set_ or []))
+        ref = _ref(model, pretrained, checkpoint, set_)
+        matcher = load_matcher(ref)
         opts = BuildOptions(
             images=images,
             captions=captions,
@@ -320,7 +317,7 @@ def index(
             world_size=w,
             progress=sys.stderr.isatty(),
         )
-        report = build_index(dataset, out, matcher, data_cfg, opts, _model_ref(model, pretrained, checkpoint))
+        report = build_index(dataset, out, matcher, data_cfg, opts, ref)
     who = f"rank {r}/{w}: " if w > 1 else ""
     typer.echo(
         f"{who}wrote {report.shards_written} shard(s) to {out} ({report.format}), "
@@ -346,6 +343,7 @@ def search(
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: the index's model."),
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP + " Applies to the index's model too."),
     backend: str = typer.Option("auto", "--backend", help="auto (faiss where the index has one), exact or faiss."),
     nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF lists to visit (faiss ivf only)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -358,32 +356,27 @@ def search(
     Scores: itc is the dual-encoder cosine; with --rerank, itm is the match probability and score = itm +
     itc_weight * itc (what hits are ranked by); without it, score = itc.
     """
-    from mmcross.factory import load_matcher
-    from mmcross.index.store import read_manifest
+    from mmcross.config import parse_set_options
     from mmcross.retrieval import Query, read_queries, search_index
 
     if sum(x is not None for x in (text, image, queries)) != 1:
         typer.echo("error: give exactly one of --text, --image or --queries", err=True)
         raise typer.Exit(2)
     with user_errors():
-        if backend not in ("auto", "exact", "faiss"):
-            raise ValueError(f"--backend takes auto, exact or faiss, not {backend!r}")
-        manifest = read_manifest(index_dir)
-        built = manifest["model"]
-        if model is None and pretrained is None and checkpoint is None:
-            model, pretrained, checkpoint = built.get("preset") or "vit-b-32", built.get("pretrained"), None
-            if built.get("checkpoint"):
-                checkpoint = Path(built["checkpoint"])
-        matcher = load_matcher(model or "vit-b-32", pretrained, checkpoint)
-        name = str(checkpoint) if checkpoint else f"{model or 'vit-b-32'}" + (f" ({pretrained})" if pretrained else "")
+        named = any(x is not None for x in (model, pretrained, checkpoint))  # else: the model that built the index
         qs = read_queries(queries) if queries else [Query(text=text, image=str(image) if image else None)]
         results = search_index(
-            index_dir, matcher, qs, target=target, k=k, rerank=rerank, backend=backend, nprobe=nprobe, model_name=name
+            index_dir,
+            qs,
+            ref=_ref(model, pretrained, checkpoint, None) if named else None,
+            overrides=parse_set_options(set_ or []),
+            target=target,
+            k=k,
+            rerank=rerank,
+            backend=backend,
+            nprobe=nprobe,
+            html=html,
         )
-    if html is not None:
-        from mmcross.report.gallery import write_search_gallery
-
-        write_search_gallery(results, html, title=f"mmcross search: {index_dir.name}")
     if as_json:
         payload = [{"query": q.label, "hits": [h.to_dict() for h in hits]} for q, hits in results]
         typer.echo(json.dumps(payload if queries else payload[0], indent=2, ensure_ascii=False))
@@ -408,6 +401,7 @@ def score(
     model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     image_root: Path | None = typer.Option(None, "--image-root", help="Folder relative image paths resolve against."),
     image_col: str = typer.Option("image", "--image-col", help="Column with the image path."),
     caption_col: str = typer.Option("caption", "--caption-col", help="Column with the caption."),
@@ -422,7 +416,7 @@ def score(
     from mmcross.scoring import score_pairs
 
     with user_errors():
-        matcher = load_matcher(model, pretrained, checkpoint)
+        matcher = load_matcher(_ref(model, pretrained, checkpoint, set_))
         report = score_pairs(
             pairs,
             out,
@@ -455,12 +449,11 @@ def explain(
     Each panel is the mean over heads of the last cross layer's attention of one word over the image patches,
     scaled to its own range; the number beside the word is the share of its attention that went to the image.
     """
-    from mmcross.config import parse_set_options
     from mmcross.factory import load_matcher
     from mmcross.report.heatmap import explain as explain_pair
 
     with user_errors():
-        matcher = load_matcher(model, pretrained, checkpoint, parse_set_options(set_ or []))
+        matcher = load_matcher(_ref(model, pretrained, checkpoint, set_))
         result = explain_pair(matcher, image, caption, out, layer=None if all_layers else layer, panel=panel)
     typer.echo(f"itc {result.itc:.4f}  itm {result.itm:.4f}  score {result.score:.4f}")
     typer.echo(f"wrote {len(result.words)} panels ({result.size[0]}x{result.size[1]}) to {out}", err=True)
@@ -531,17 +524,14 @@ def eval_(
     ),
 ) -> None:
     """Recall@1/5/10 both ways, median rank and rsum: dual encoder, and after fusion re-rank of its top K."""
-    from mmcross.config import DataCfg, parse_set_options
+    from mmcross.config import DataCfg
     from mmcross.evaluate import run_eval
 
     with user_errors():
         report = run_eval(
             dataset,
             DataCfg(format=fmt, split=split),
-            model=model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            overrides=parse_set_options(set_ or []),
+            _ref(model, pretrained, checkpoint, set_),
             k=rerank,
             batch_size=batch_size,
             workers=workers,

@@ -23,8 +23,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mmcross.encode import encode_pixels
 from mmcross.factory import create_matcher
-from mmcross.model import ImageCache, Matcher
+from mmcross.features import ImageFeatures
+from mmcross.model import Matcher
 
 PRESETS = ("tiny", "vit-b-32")
 VARIANTS = {  # name -> fusion overrides
@@ -58,10 +60,10 @@ def _seconds(fn: Callable[[], object], budget_s: float = 3.0) -> float:
     return min(times)
 
 
-def _random_cache(matcher: Matcher, k: int, tokens_per_image: int) -> ImageCache:
+def _random_cache(matcher: Matcher, k: int, tokens_per_image: int) -> ImageFeatures:
     g = torch.Generator().manual_seed(0)
     pooled = F.normalize(torch.randn(k, matcher.image_encoder.embed_dim, generator=g), dim=-1)
-    return ImageCache(pooled, torch.randn(k, tokens_per_image, matcher.image_encoder.token_dim, generator=g))
+    return ImageFeatures(pooled, torch.randn(k, tokens_per_image, matcher.image_encoder.token_dim, generator=g))
 
 
 def run() -> dict[str, float | str]:
@@ -76,16 +78,16 @@ def run() -> dict[str, float | str]:
             for k in KS:
                 tokens = _random_cache(matcher, k, patches)
                 with torch.inference_mode():
-                    prepared = matcher.prepare_images(tokens)
+                    prepared = matcher.prepare(tokens)
                 name = f"rerank.{preset}.{variant}.k{k}"
                 modes = {
-                    "cached": lambda c=prepared: matcher.rerank_images(QUERY, c, batch_size=BATCH_SIZE),
-                    "tokens": lambda c=tokens: matcher.rerank_images(QUERY, c, batch_size=BATCH_SIZE),
+                    "cached": lambda c=prepared: matcher.rerank(QUERY, c, batch_size=BATCH_SIZE),
+                    "tokens": lambda c=tokens: matcher.rerank(QUERY, c, batch_size=BATCH_SIZE),
                 }
                 if k <= len(pixels):
-                    modes["recompute"] = lambda k=k: matcher.rerank_images(
+                    modes["recompute"] = lambda k=k: matcher.rerank(
                         QUERY,
-                        matcher.cache_images(pixels[:k], batch_size=BATCH_SIZE, prepare=False),
+                        encode_pixels(matcher, pixels[:k], batch_size=BATCH_SIZE, prepare=False),
                         batch_size=BATCH_SIZE,
                     )
                 for mode, fn in modes.items():

@@ -57,6 +57,29 @@ class MatcherCfg:
 
 
 @dataclass
+class ModelRef:
+    """Which model a command uses, named the one way every command names it; `mmcross.factory.load_matcher` builds
+    it. An index manifest stores it whole (with `config` filled in), so `search` rebuilds exactly the model that
+    built the index.
+    """
+
+    model: str = "vit-b-32"  # architecture preset (`mmcross models`) or a JSON config file
+    pretrained: str | None = None  # open_clip weights for the encoders (tag, file, hf-hub:org/repo); None = random
+    checkpoint: str | None = None  # a mmcross .safetensors checkpoint or a run directory; it holds its architecture
+    overrides: dict[str, Any] = field(default_factory=dict)  # `--set key=value` on top of the architecture
+    config: dict[str, Any] | None = None  # the resolved `MatcherCfg` (as `to_dict` gives it); when set, it is the
+    # architecture and `model` only says where it came from (a config file may since have moved or changed)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelRef:
+        """Inverse of `to_dict`; also reads the `{"preset", "pretrained", "checkpoint", "config"}` of old manifests."""
+        data = dict(data)
+        if "preset" in data:
+            data["model"] = data.pop("preset") or "vit-b-32"
+        return from_dict(cls, data)
+
+
+@dataclass
 class DataCfg:
     """Where a dataset's images and captions are and how its images are decoded."""
 

@@ -5,8 +5,11 @@ This is the only module that imports open_clip. It exposes:
 - `ImageEncoder`: pixels (B, 3, H, W) -> `ImageFeatures(pooled (B, E), tokens (B, P, Dv))`.
 - `TextEncoder`: token ids (B, C) -> `TextFeatures(pooled (B, E), tokens (B, L, Dt), mask (B, L))`, each batch cut
   to its longest caption instead of the fixed context C (77 for CLIP). With a causal text tower and EOT pooling,
-  no real position attends to padding, so the cut changes nothing but the cost. `TextEncoder.encode` also sorts
-  captions by length before batching, so most batches are short.
+  no real position attends to padding, so the cut changes nothing but the cost (`mmcross.encode` batches captions
+  by length, so most batches are short).
+
+`pooled` is the towers' raw projection here (as open_clip's `encode_image` / `encode_text` give it); the matcher
+normalises it.
 - `load_encoders(EncoderCfg)`: builds both from an open_clip architecture with seeded random init or pretrained
   weights (tag, local file, `hf-hub:` id), failing fast and clearly when the weights cannot be fetched.
 - `token_strings(tokenizer, ids)`: the word pieces of token ids, for labels (attention heat maps).
@@ -31,6 +34,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
 from mmcross.config import PRESET_DIR, EncoderCfg
+from mmcross.features import ImageFeatures, TextFeatures
 
 HF_HOST = "huggingface.co"
 CONNECT_TIMEOUT_S = 3.0
@@ -39,19 +43,6 @@ _OPEN_CLIP_CONFIG_DIR = PRESET_DIR / "open_clip"
 
 class PretrainedUnavailable(RuntimeError):
     """Pretrained weights were asked for but cannot be loaded (offline, unknown tag, missing file)."""
-
-
-@dataclass
-class ImageFeatures:
-    pooled: torch.Tensor  # (B, E) projected image embedding, not normalised
-    tokens: torch.Tensor  # (B, P, Dv) patch tokens (class token excluded for ViTs)
-
-
-@dataclass
-class TextFeatures:
-    pooled: torch.Tensor  # (B, E) projected caption embedding, not normalised
-    tokens: torch.Tensor  # (B, L, Dt) token states, L = longest caption in the batch (or the full context)
-    mask: torch.Tensor  # (B, L) bool, True at real tokens (start, words, end), False at padding
 
 
 def list_architectures() -> list[str]:
@@ -212,18 +203,6 @@ class TextEncoder(nn.Module):
         elif self.text_projection is not None:
             pooled = pooled @ self.text_projection
         return TextFeatures(pooled=pooled, tokens=x, mask=mask)
-
-    @torch.inference_mode()
-    def encode(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Pooled embeddings (N, E) in input order, batching captions of similar length together."""
-        device = next(self.parameters()).device
-        tokens = self.tokenize(captions)  # (N, C)
-        order = torch.argsort(self.padding_mask(tokens).sum(dim=1), stable=True)
-        out = torch.empty(len(captions), self.embed_dim)
-        for start in range(0, len(captions), batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self(tokens[idx].to(device)).pooled.float().cpu()
-        return out
 
 
 @dataclass

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from mmcross.config import DataCfg
-from mmcross.data.loader import image_loader
+from mmcross.config import DataCfg, ModelRef
 from mmcross.data.records import Record, caption_key
+from mmcross.encode import encode_records, encode_texts
+from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.metrics import DEFAULT_KS, image_to_text_ranks, rank_changes, retrieval_metrics, text_to_image_ranks
-from mmcross.model import ImageCache, Matcher, TextCache
+from mmcross.model import Matcher
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ BELOW = 1e3  # candidates outside the top K are pushed this far below every re-r
 class EncodedSplit:
     """The encoder outputs of a split: images, their captions flattened, and which image each caption describes."""
 
-    images: ImageCache  # N images (encoder outputs only)
-    texts: TextCache  # M captions
+    images: ImageFeatures  # N images (encoder outputs only)
+    texts: TextFeatures  # M captions
     caption_image: torch.Tensor  # (M,) index into `images` of each caption's image
     image_ids: list[str]  # N
     rejects: int  # images that could not be decoded (left out with their captions)
@@ -55,38 +56,25 @@ def same_text_matches(captions: Sequence[str], caption_image: torch.Tensor, n_im
     return has[:, text_group]  # (N, M)
 
 
-@torch.no_grad()
 def encode_split(matcher: Matcher, records: Sequence[Record], batch_size: int = 64, workers: int = 0) -> EncodedSplit:
     """Encode every image (eval transform) and every caption of `records` once."""
-    records = [r for r in records if r.captions]
-    parts: list[ImageCache] = []
-    captions: list[str] = []
-    caption_image: list[int] = []
-    image_ids: list[str] = []
-    rejects = 0
-    for batch in image_loader(records, matcher.image_encoder.preprocess, batch_size=batch_size, workers=workers):
-        rejects += len(batch.rejects)
-        if batch.pixels is None:
-            continue
-        parts.append(matcher.cache_images(batch.pixels, batch_size=batch_size, prepare=False))
-        for record in batch.records:
-            captions += record.captions
-            caption_image += [len(image_ids)] * len(record.captions)
-            image_ids.append(record.image_id)
-    if not parts:
-        raise ValueError("no image of the split could be read")
-    images = ImageCache(torch.cat([p.pooled for p in parts]), torch.cat([p.tokens for p in parts]))
-    texts = matcher.cache_texts(captions, batch_size=4 * batch_size, prepare=False)
-    caption_image_t = torch.tensor(caption_image)
-    matches = same_text_matches(captions, caption_image_t, len(image_ids))
-    return EncodedSplit(images, texts, caption_image_t, image_ids, rejects, matches)
+    try:
+        encoded = encode_records(matcher, [r for r in records if r.captions], batch_size=batch_size, workers=workers)
+    except ValueError:
+        raise ValueError("no image of the split could be read") from None
+    captions = [c for record in encoded.records for c in record.captions]
+    caption_image = torch.tensor([i for i, record in enumerate(encoded.records) for _ in record.captions])
+    texts = encode_texts(matcher, captions, batch_size=4 * batch_size)
+    image_ids = [record.image_id for record in encoded.records]
+    matches = same_text_matches(captions, caption_image, len(image_ids))
+    return EncodedSplit(encoded.features, texts, caption_image, image_ids, len(encoded.rejects), matches)
 
 
 @torch.no_grad()
 def rerank_similarity(
     matcher: Matcher,
-    images: ImageCache,
-    texts: TextCache,
+    images: ImageFeatures,
+    texts: TextFeatures,
     similarity: torch.Tensor,
     k: int,
     *,
@@ -97,8 +85,8 @@ def rerank_similarity(
 
     Args:
         matcher: supplies the ranking score.
-        images: prepared image caches (fusion `states` filled) of the N_img images.
-        texts: prepared caption caches of the N_cap captions.
+        images: the N_img images' features, prepared (`Matcher.prepare`) so no candidate repeats that work.
+        texts: the N_cap captions' features, prepared.
         similarity: dual-encoder scores.
         k: candidates per query.
         by: "column" re-ranks each caption's images (text -> image), "row" each image's captions (image -> text).
@@ -121,7 +109,7 @@ def rerank_similarity(
             image_part, text_part = images.select(q_flat), texts.select(c_flat)
         else:
             image_part, text_part = images.select(c_flat), texts.select(q_flat)
-        scores = matcher._pair_scores(image_part, text_part, False).score.float().cpu()  # (q*k,)
+        scores = matcher.score_pairs(image_part, text_part).score.float().cpu()  # (q*k,)
         out[q[:, None], cand] = scores.view(len(q), k)
     return out if by == "row" else out.T
 
@@ -158,8 +146,8 @@ def evaluate(
         rerank = rerank_effect = None
         t2i_sim = i2t_sim = similarity
         if k > 0:
-            images = matcher.prepare_images(split.images.to(dtype=matcher.dtype))
-            texts = matcher.prepare_texts(split.texts.to(dtype=matcher.dtype))
+            images = matcher.prepare(split.images.to(dtype=matcher.dtype))
+            texts = matcher.prepare(split.texts.to(dtype=matcher.dtype))
             t2i_sim = rerank_similarity(matcher, images, texts, similarity, k, by="column")
             i2t_sim = rerank_similarity(matcher, images, texts, similarity, k, by="row")
             t2i = retrieval_metrics(t2i_sim, split.caption_image, ks, split.matches)
@@ -203,11 +191,8 @@ def evaluate(
 def run_eval(
     dataset: str | Path,
     data_cfg: DataCfg,
+    ref: ModelRef,
     *,
-    model: str = "vit-b-32",
-    pretrained: str | None = None,
-    checkpoint: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
     k: int = 16,
     batch_size: int = 64,
     workers: int = 0,
@@ -218,7 +203,7 @@ def run_eval(
     failures: int = 20,
     hard_negatives: bool = False,
 ) -> dict[str, Any]:
-    """`mmcross eval`: load the model the options name, evaluate one split, optionally write the JSON to `out`.
+    """`mmcross eval`: load the model `ref` names, evaluate one split, optionally write the JSON to `out`.
 
     Beside the JSON goes its recall@K curve (`out` with suffix .png); `html` gets a self-contained page of the
     `failures` worst queries of each direction and what ranked above their true match. With `hard_negatives`, the
@@ -226,7 +211,7 @@ def run_eval(
     (`mmcross.hard_negatives`; the dataset must be a manifest with `negatives`, as `mmcross data synth` writes).
     """
     from mmcross.data.registry import open_dataset
-    from mmcross.factory import load_matcher, resolve_checkpoint
+    from mmcross.factory import load_matcher
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     ds = open_dataset(dataset, data_cfg)
@@ -236,14 +221,14 @@ def run_eval(
     if not records:
         where = f" in split {data_cfg.split!r}" if data_cfg.split else ""
         raise ValueError(f"{dataset} has no images with captions{where}")
-    matcher = load_matcher(model, pretrained, checkpoint, overrides, device=device)
+    matcher = load_matcher(ref, device=device)
     result = evaluate(matcher, records, k, batch_size=batch_size, workers=workers, failures=failures if html else 0)
     worst = result.pop("failures", None)
     report = {
         "dataset": str(dataset),
         "format": ds.format,
         "split": data_cfg.split,
-        "model": str(resolve_checkpoint(checkpoint)) if checkpoint else matcher.cfg.name,
+        "model": _model_name(ref, matcher),
         "pretrained": matcher.cfg.encoder.pretrained,
         "k": k,
         **result,
@@ -271,3 +256,10 @@ def run_eval(
         note = f"{report['model']} on {dataset} ({data_cfg.split or 'all'}), ranks {stage}."
         write_failures_gallery(worst or [], html, note=note)
     return report
+
+
+def _model_name(ref: ModelRef, matcher: Matcher) -> str:
+    """The report's `model`: the checkpoint file, else the architecture's name."""
+    from mmcross.factory import resolve_checkpoint
+
+    return str(resolve_checkpoint(ref.checkpoint)) if ref.checkpoint else matcher.cfg.name

@@ -1,4 +1,4 @@
-"""Presets to models: `list_models()`, `resolve_cfg()`, `create_matcher()`, and checkpoints.
+"""Presets to models: `list_models()`, `create_matcher()`, `load_matcher(ModelRef)`, checkpoints, fingerprints.
 
 A checkpoint is one safetensors file: the matcher's whole state dict (encoders, fusion, head) as tensors, and in
 the file's metadata `format` = "mmcross.matcher", `format_version`, `mmcross_version`, and `config`, the
@@ -9,6 +9,7 @@ is ever unpickled: files named like pickles or whose header is not safetensors a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,17 @@ from typing import Any
 import torch
 
 from mmcross import __version__
-from mmcross.config import MatcherCfg, apply_overrides, from_dict, list_presets, load_matcher_cfg, to_dict
+from mmcross.config import (
+    MatcherCfg,
+    ModelRef,
+    apply_overrides,
+    from_dict,
+    list_presets,
+    load_matcher_cfg,
+    to_dict,
+)
 from mmcross.encoders import Encoders, load_encoders
-from mmcross.fusion import Fusion, MatchHead
+from mmcross.fusion import MatchHead, build_fusion
 from mmcross.model import Matcher
 
 FORMAT, FORMAT_VERSION = "mmcross.matcher", "1"
@@ -86,7 +95,7 @@ def _assemble(cfg: MatcherCfg, encoders: Encoders) -> Matcher:
     """Encoders + a fusion block and head initialised from `cfg.fusion.seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.fusion.seed)
-        fusion = Fusion(cfg.fusion, encoders.image.token_dim, encoders.text.token_dim)
+        fusion = build_fusion(cfg.fusion, encoders.image.token_dim, encoders.text.token_dim)
         head = MatchHead(cfg.fusion.dim)
     return Matcher(encoders.image, encoders.text, fusion, head, cfg)
 
@@ -217,16 +226,53 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_matcher(
-    model: str = "vit-b-32",
-    pretrained: str | None = None,
-    checkpoint: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-) -> Matcher:
-    """The matcher a command's model options name: `--checkpoint` (file or run dir) or `--model` + `--pretrained`."""
-    if checkpoint is not None:
-        if pretrained is not None:
+def load_matcher(ref: ModelRef, device: str | torch.device = "cpu") -> Matcher:
+    """The matcher a model reference names: its checkpoint, else its resolved config, else its preset (or config
+    file) with `pretrained` and `overrides`.
+
+    With a checkpoint, overrides may change what does not change the weights' shapes (e.g. `itc_weight`); one that
+    changes the architecture is refused, naming both.
+    """
+    if ref.checkpoint is not None:
+        if ref.pretrained is not None:
             raise ValueError("give either --checkpoint or --pretrained, not both")
-        return load_checkpoint(resolve_checkpoint(checkpoint), device=device)
-    return create_matcher(model, pretrained=pretrained, device=device, overrides=overrides)
+        matcher = load_checkpoint(resolve_checkpoint(ref.checkpoint), device=device)
+        if ref.overrides:
+            cfg = apply_overrides(matcher.cfg, ref.overrides)
+            if architecture(cfg) != architecture(matcher.cfg):
+                raise ValueError(
+                    f"--set {', '.join(f'{k}={v}' for k, v in ref.overrides.items())} would make {describe(cfg)}, "
+                    f"but checkpoint {ref.checkpoint} holds {describe(matcher.cfg)}"
+                )
+            matcher.cfg = cfg
+        return matcher
+    if ref.config is not None:
+        return create_matcher(from_dict(MatcherCfg, ref.config), ref.pretrained, device, ref.overrides)
+    return create_matcher(ref.model, pretrained=ref.pretrained, device=device, overrides=ref.overrides)
+
+
+def pinned(ref: ModelRef, matcher: Matcher) -> ModelRef:
+    """`ref` as a manifest stores it: the checkpoint as an absolute path, the built matcher's config filled in (so the
+    reference rebuilds the same model wherever it is read and whatever became of a config file)."""
+    checkpoint = str(resolve_checkpoint(ref.checkpoint).resolve()) if ref.checkpoint else None
+    return dataclasses.replace(ref, checkpoint=checkpoint, config=to_dict(matcher.cfg), pretrained=None)
+
+
+def reference_name(ref: ModelRef) -> str:
+    """How messages name the model of `ref`: its checkpoint, else its preset (and weights)."""
+    if ref.checkpoint:
+        return str(ref.checkpoint)
+    name = ref.config["name"] if ref.config else ref.model
+    pretrained = ref.config["encoder"]["pretrained"] if ref.config else ref.pretrained
+    return name + (f" ({pretrained})" if pretrained else "")
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a model's weights (every state-dict tensor, by name): equal weights give equal fingerprints."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()[:16]

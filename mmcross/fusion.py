@@ -40,7 +40,6 @@ from torch import nn
 
 from mmcross.config import FusionCfg
 
-VARIANTS = ("joint", "text_to_image")
 TEXT_POOLS = ("mean", "attention")
 
 
@@ -271,10 +270,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Fusion(nn.Module):
-    """The MMCA-style fusion block: projections, per-modality self-attention, cross module, pooling.
+    """The MMCA-style fusion block: projections, per-modality self-attention, a cross module, pooling.
 
-    The work splits into a per-image part (`image_side`, plus `image_kv` for `text_to_image`), a per-caption part
-    (`text_side`), both cacheable, and the per-pair part (`cross`).
+    The cross module is what the variants differ in: a subclass per `fusion.variant` (`JointFusion`,
+    `TextToImageFusion`), built by `build_fusion` from the `VARIANTS` registry. The work splits into a per-image
+    part (`image_side`, plus `image_kv` where the variant can cache it), a per-caption part (`text_side`), both
+    cacheable, and the per-pair part (`cross`).
 
     Args:
         cfg: fusion hyper-parameters (variant, width, layers, heads).
@@ -282,29 +283,19 @@ class Fusion(nn.Module):
         text_dim: encoder text-token width Dt.
     """
 
+    variant = ""  # the registry key of the subclass
+    caches_image_kv = False  # True where the image side's per-layer keys/values depend on the image alone
+
     def __init__(self, cfg: FusionCfg, image_dim: int, text_dim: int):
         super().__init__()
-        if cfg.variant not in VARIANTS:
-            raise ValueError(f"unknown fusion variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
-        self.variant = cfg.variant
         self.dim, self.heads, self.dim_head = cfg.dim, cfg.heads, cfg.dim_head
         d = cfg.dim
-
-        def block(cross: bool = False) -> FusionBlock:
-            return FusionBlock(
-                d, heads=cfg.heads, dim_head=cfg.dim_head, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, cross=cross
-            )
-
         self.image_proj = nn.Sequential(nn.Linear(image_dim, d), nn.LayerNorm(d))
         self.grid_positions = cfg.grid_positions
         self.text_proj = nn.Sequential(nn.Linear(text_dim, d), nn.LayerNorm(d))
-        self.image_self = nn.ModuleList(block() for _ in range(cfg.self_layers))
-        self.text_self = nn.ModuleList(block() for _ in range(cfg.self_layers))
-        if self.variant == "joint":
-            self.modality = nn.Parameter(torch.randn(2, d) * 0.02)  # (2, D) rows: image, text
-            self.cross_layers = nn.ModuleList(block() for _ in range(cfg.cross_layers))
-        else:
-            self.cross_layers = nn.ModuleList(block(cross=True) for _ in range(cfg.cross_layers))
+        self.image_self = nn.ModuleList(self._block(cfg) for _ in range(cfg.self_layers))
+        self.text_self = nn.ModuleList(self._block(cfg) for _ in range(cfg.self_layers))
+        self._build_cross(cfg)  # here, so every variant draws its other weights in the same order from the seed
         self.norm_image = nn.LayerNorm(d)
         self.norm_text = nn.LayerNorm(d)
         if cfg.text_pool not in TEXT_POOLS:
@@ -312,10 +303,27 @@ class Fusion(nn.Module):
         # "attention": a learned score per token, softmax over the real tokens; one token that contradicts the image
         # ("blue" where the square is red) can then carry the pooled vector instead of being averaged with ten others
         self.text_pool = nn.Linear(d, 1) if cfg.text_pool == "attention" else None
-        if cfg.pair_readout and self.variant != "text_to_image":
+        if cfg.pair_readout and not isinstance(self, TextToImageFusion):
             raise ValueError("fusion.pair_readout needs the text_to_image variant (it reads where each token looked)")
         # created last, so the other modules get the same initial weights with and without it
         self.pairs = PairReadout(d) if cfg.pair_readout else None
+
+    @staticmethod
+    def _block(cfg: FusionCfg, cross: bool = False) -> FusionBlock:
+        return FusionBlock(
+            cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, cross=cross
+        )
+
+    def _build_cross(self, cfg: FusionCfg) -> None:
+        """Create the cross module's layers (`self.cross_layers`)."""
+        raise NotImplementedError
+
+    def _cross(
+        self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, image_kv, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """The cross module on broadcast pairs: (image (B, P, D), text (B, L, D), maps per layer (B, H, L, P),
+        text-token -> patch weights of the last layer for the pair readout (B, H, L, P) or None)."""
+        raise NotImplementedError
 
     def image_side(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encoder patch tokens (B, P, Dv) -> image states (B, P, D) after the image self-attention."""
@@ -334,10 +342,8 @@ class Fusion(nn.Module):
         return x
 
     def image_kv(self, image: torch.Tensor) -> torch.Tensor:
-        """Per-cross-layer keys/values of image states (B, P, D) -> (B, X, 2, H, P, Dh); `text_to_image` only."""
-        if self.variant != "text_to_image":
-            raise ValueError(f"only the text_to_image variant has per-layer image keys/values, not {self.variant!r}")
-        return torch.stack([layer.context_kv(image) for layer in self.cross_layers], dim=1)  # (B, X, 2, H, P, Dh)
+        """Per-cross-layer keys/values of image states (B, P, D) -> (B, X, 2, H, P, Dh), where `caches_image_kv`."""
+        raise ValueError(f"only the text_to_image variant has per-layer image keys/values, not {self.variant!r}")
 
     def cross(
         self,
@@ -354,7 +360,7 @@ class Fusion(nn.Module):
             image: image states (B, P, D) from `image_side`; a batch of 1 is broadcast over B.
             text: text states (B, L, D) from `text_side`; a batch of 1 is broadcast over B.
             text_mask: (B, L) bool, True at real tokens.
-            image_kv: cached `image_kv(image)` (B or 1, X, 2, H, P, Dh) for `text_to_image`; None = compute it.
+            image_kv: cached `image_kv(image)` (B or 1, X, 2, H, P, Dh) where `caches_image_kv`; None = compute it.
             need_weights: return the text-token -> image-patch attention per cross layer. For `joint` these are the
                 text rows and image columns of the joint attention (a row sums to the share of attention that
                 went to the image, at most 1); for `text_to_image`, the cross-attention (rows sum to 1).
@@ -365,29 +371,7 @@ class Fusion(nn.Module):
         b = max(image.shape[0], text.shape[0], text_mask.shape[0])
         image, text = image.expand(b, -1, -1), text.expand(b, -1, -1)  # (B, P, D), (B, L, D)
         text_mask = text_mask.expand(b, -1)  # (B, L)
-        p = image.shape[1]
-        maps: list[torch.Tensor] = []
-        if self.variant == "joint":
-            x = torch.cat([image + self.modality[0], text + self.modality[1]], dim=1)  # (B, P+L, D)
-            mask = torch.cat([text_mask.new_ones(b, p), text_mask], dim=1)  # (B, P+L)
-            for layer in self.cross_layers:
-                x, weights = layer(x, mask, need_weights=need_weights)
-                if weights is not None:
-                    maps.append(weights[:, :, p:, :p])  # (B, H, L, P)
-            image, text = x[:, :p], x[:, p:]  # (B, P, D), (B, L, D)
-        else:
-            kv = self.image_kv(image) if image_kv is None else image_kv  # (B or 1, X, 2, H, P, Dh)
-            last = len(self.cross_layers) - 1
-            for i, layer in enumerate(self.cross_layers):
-                # explicit weights (no fused attention) only where they are used: maps, or the pair readout's input
-                wanted = need_weights or (self.pairs is not None and i == last)
-                text, weights = layer(text, text_mask, context_kv=kv[:, i], need_weights=wanted)
-                if need_weights:
-                    maps.append(weights)  # (B, H, L, P)
-            if self.pairs is not None:  # where each token looked in the last cross layer, heads averaged
-                looked_at = weights.mean(dim=1)  # (B, L, P)
-                looked = looked_at @ grid_coords(p).to(looked_at)  # (B, L, 2)
-                seen = looked_at @ image  # (B, L, D) the image states each token looked at
+        image, text, maps, last_weights = self._cross(image, text, text_mask, image_kv, need_weights)
         pooled_image = self.norm_image(image).mean(dim=1)  # (B, D)
         text = self.norm_text(text)  # (B, L, D)
         if self.text_pool is None:
@@ -395,7 +379,10 @@ class Fusion(nn.Module):
         else:
             weights = self.text_pool(text).squeeze(-1).masked_fill(~text_mask, float("-inf")).softmax(dim=1)  # (B, L)
             pooled_text = (weights.unsqueeze(-1) * text).sum(dim=1)  # (B, D)
-        if self.pairs is not None:
+        if self.pairs is not None:  # where each token looked in the last cross layer, heads averaged
+            looked_at = last_weights.mean(dim=1)  # (B, L, P)
+            looked = looked_at @ grid_coords(image.shape[1]).to(looked_at)  # (B, L, 2)
+            seen = looked_at @ image  # (B, L, D) the image states each token looked at
             pooled_text = pooled_text + self.pairs(text, looked, seen, text_mask)  # (B, D)
         return FusionOutput(torch.cat([pooled_image, pooled_text], dim=-1), maps if need_weights else None)
 
@@ -411,6 +398,65 @@ class Fusion(nn.Module):
         image = self.image_side(image_tokens)
         text = self.text_side(text_tokens, text_mask)
         return self.cross(image, text, text_mask, need_weights=need_weights)
+
+
+class JointFusion(Fusion):
+    """MMCA's cross module: self-attention over [image tokens; text tokens], a learned modality embedding added to
+    each side, padded text positions masked out as keys."""
+
+    variant = "joint"
+
+    def _build_cross(self, cfg: FusionCfg) -> None:
+        self.modality = nn.Parameter(torch.randn(2, cfg.dim) * 0.02)  # (2, D) rows: image, text
+        self.cross_layers = nn.ModuleList(self._block(cfg) for _ in range(cfg.cross_layers))
+
+    def _cross(self, image, text, text_mask, image_kv, need_weights):
+        b, p = image.shape[:2]
+        x = torch.cat([image + self.modality[0], text + self.modality[1]], dim=1)  # (B, P+L, D)
+        mask = torch.cat([text_mask.new_ones(b, p), text_mask], dim=1)  # (B, P+L)
+        maps: list[torch.Tensor] = []
+        for layer in self.cross_layers:
+            x, weights = layer(x, mask, need_weights=need_weights)
+            if weights is not None:
+                maps.append(weights[:, :, p:, :p])  # (B, H, L, P)
+        return x[:, :p], x[:, p:], maps, None  # (B, P, D), (B, L, D)
+
+
+class TextToImageFusion(Fusion):
+    """BLIP's cross module: per layer, text self-attention, text queries attending to the image, a feed-forward.
+    The image side never changes, so its per-layer keys/values depend on the image alone and are cacheable."""
+
+    variant = "text_to_image"
+    caches_image_kv = True
+
+    def _build_cross(self, cfg: FusionCfg) -> None:
+        self.cross_layers = nn.ModuleList(self._block(cfg, cross=True) for _ in range(cfg.cross_layers))
+
+    def image_kv(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([layer.context_kv(image) for layer in self.cross_layers], dim=1)  # (B, X, 2, H, P, Dh)
+
+    def _cross(self, image, text, text_mask, image_kv, need_weights):
+        kv = self.image_kv(image) if image_kv is None else image_kv  # (B or 1, X, 2, H, P, Dh)
+        last = len(self.cross_layers) - 1
+        maps: list[torch.Tensor] = []
+        weights = None
+        for i, layer in enumerate(self.cross_layers):
+            # explicit weights (no fused attention) only where they are used: maps, or the pair readout's input
+            wanted = need_weights or (self.pairs is not None and i == last)
+            text, weights = layer(text, text_mask, context_kv=kv[:, i], need_weights=wanted)
+            if need_weights:
+                maps.append(weights)  # (B, H, L, P)
+        return image, text, maps, weights
+
+
+VARIANTS: dict[str, type[Fusion]] = {cls.variant: cls for cls in (JointFusion, TextToImageFusion)}
+
+
+def build_fusion(cfg: FusionCfg, image_dim: int, text_dim: int) -> Fusion:
+    """The fusion block of `cfg.variant` (see `VARIANTS`)."""
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"unknown fusion variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[cfg.variant](cfg, image_dim, text_dim)
 
 
 ITC_GAIN_UNIT = 20.0

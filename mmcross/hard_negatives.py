@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mmcross.data.loader import image_loader
 from mmcross.data.records import Record
+from mmcross.encode import encode_images, encode_texts
 from mmcross.model import Matcher
 
 KINDS = ("itc", "itm", "score")
@@ -47,11 +47,9 @@ def hard_negative_eval(
     correct = {kind: [] for kind in KINDS}
     heldout: list[bool] = []
     kinds: list[str] = []
-    loader = image_loader(list(records), matcher.image_encoder.preprocess, batch_size=batch_size)
-    for batch in loader:
-        if batch.pixels is None:
+    for batch in encode_images(matcher, list(records), batch_size=batch_size):
+        if batch.features is None:
             continue
-        image = matcher.encode_image(batch.pixels)
         rows, trues, falses = [], [], []
         for row, record in enumerate(batch.records):
             for caption, negative in negatives.get(record.image_id, {}).items():
@@ -62,10 +60,9 @@ def hard_negative_eval(
                 kinds.append(kind_of(caption, negative) if kind_of else "")
         if not rows:
             continue
-        index = torch.tensor(rows, device=matcher.device)
-        image_rows = type(image)(pooled=image.pooled[index], tokens=image.tokens[index])
-        true = matcher.score_features(image_rows, matcher.encode_text(trues))
-        false = matcher.score_features(image_rows, matcher.encode_text(falses))
+        image_rows = batch.features.select(rows)
+        true = matcher.score_pairs(image_rows, encode_texts(matcher, trues, batch_size=len(trues)))
+        false = matcher.score_pairs(image_rows, encode_texts(matcher, falses, batch_size=len(falses)))
         for kind in KINDS:
             correct[kind] += (getattr(true, kind) > getattr(false, kind)).tolist()
     if not heldout:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mmcross.encoders import ImageFeatures, TextFeatures
+from mmcross.features import ImageFeatures, TextFeatures
 
 
 def world() -> tuple[int, int]:
@@ -128,14 +128,6 @@ def sample_hard_negatives(
     return picks[0], picks[1]
 
 
-def _take_image(feats: ImageFeatures, index: torch.Tensor) -> ImageFeatures:
-    return ImageFeatures(feats.pooled[index], feats.tokens[index])
-
-
-def _take_text(feats: TextFeatures, index: torch.Tensor) -> TextFeatures:
-    return TextFeatures(feats.pooled[index], feats.tokens[index], feats.mask[index])
-
-
 def itm_loss(
     matcher,
     image: ImageFeatures,
@@ -148,7 +140,7 @@ def itm_loss(
     """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`).
 
     Args:
-        matcher: a `mmcross.model.Matcher` (its `score_features` runs fusion + head on aligned pairs).
+        matcher: a `mmcross.model.Matcher` (its `score_pairs` runs fusion + head on aligned pairs).
         image: encoder outputs of the B images.
         text: encoder outputs of the B captions (caption i describes image i).
         similarity: (B, B) ITC logits used to draw the negatives.
@@ -168,11 +160,11 @@ def itm_loss(
     # positives, image + negative caption, negative image + caption
     image_idx = torch.cat([rows, rows[has_text], neg_image[has_image]])
     text_idx = torch.cat([rows, neg_text[has_text], rows[has_image]])
-    logits = matcher.score_features(_take_image(image, image_idx), _take_text(text, text_idx)).itm_logit.float()
+    logits = matcher.score_pairs(image.select(image_idx), text.select(text_idx)).itm_logit.float()
     labels = torch.cat([torch.ones(b), torch.zeros(len(image_idx) - b)]).to(logits.device)
     if pairs is not None and len(pairs[0]):
         rows, pair_text, pair_labels = pairs
-        extra = matcher.score_features(_take_image(image, rows.to(image.pooled.device)), pair_text).itm_logit
+        extra = matcher.score_pairs(image.select(rows), pair_text).itm_logit
         logits = torch.cat([logits, extra.float()])
         labels = torch.cat([labels, pair_labels.to(labels)])
     return F.binary_cross_entropy_with_logits(logits, labels)
@@ -225,8 +217,7 @@ class MatchingLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """`known` (B, B): True where caption j is one of image i's captions too (see the module docstring)."""
         w = self.weights
-        image_emb = F.normalize(image.pooled.float(), dim=-1)  # (B, E)
-        text_emb = F.normalize(text.pooled.float(), dim=-1)  # (B, E)
+        image_emb, text_emb = image.pooled, text.pooled  # (B, E) unit vectors (`Matcher.encode_*`)
         terms: dict[str, torch.Tensor] = {}
         if w.itc:
             terms["itc"] = self.itc(image_emb, text_emb, known)

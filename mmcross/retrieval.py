@@ -7,16 +7,19 @@ re-ranking `itm` is None and `score = itc`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmcross.data.images import load_rgb
+from mmcross.config import ModelRef
+from mmcross.encode import encode_query
+from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.index import search as backends
 from mmcross.index.store import IndexStore
-from mmcross.model import ImageCache, Matcher, TextCache
+from mmcross.model import Matcher
 
 TARGETS = ("images", "captions")
 
@@ -54,8 +57,9 @@ def check_fingerprint(index: IndexStore, fingerprint: str, model_name: str) -> N
     """Refuse a query model whose weights differ from the index's, naming both."""
     manifest = index.manifest
     if manifest["fingerprint"] != fingerprint:
-        built = manifest["model"]
-        name = built.get("checkpoint") or built.get("preset") or built.get("config", {}).get("name")
+        from mmcross.factory import reference_name
+
+        name = reference_name(ModelRef.from_dict(manifest["model"]))
         raise ValueError(
             f"index {index.root} was built with model {name} (fingerprint {manifest['fingerprint']}), but the query "
             f"model is {model_name} (fingerprint {fingerprint}); embed queries with the index's model or rebuild it"
@@ -94,26 +98,6 @@ class Retriever:
             return backends.faiss_search(self._faiss[target], queries, k, self.nprobe)
         return backends.exact_search(vectors, queries, k)
 
-    @torch.inference_mode()
-    def embed_query(self, query: Query) -> tuple[np.ndarray, object]:
-        """(1, E) unit vector of a query, and what re-ranking needs of it (a TextCache or an ImageCache)."""
-        m = self.matcher
-        if query.text is not None:
-            if not query.text.strip():
-                raise ValueError("empty query caption")
-            feats = m.encode_text(query.text)
-            pooled = torch.nn.functional.normalize(feats.pooled.float(), dim=-1)
-            return pooled.cpu().numpy(), TextCache(pooled, feats.tokens, feats.mask)
-        if query.image is None:
-            raise ValueError("a query needs a caption or an image")
-        path = Path(query.image)
-        if not path.is_file():
-            raise FileNotFoundError(f"no query image {path}")
-        pixels = m.image_encoder.preprocess(load_rgb(path))[None]
-        feats = m.encode_image(pixels)
-        pooled = torch.nn.functional.normalize(feats.pooled.float(), dim=-1)
-        return pooled.cpu().numpy(), ImageCache(pooled, feats.tokens)
-
     def search(self, query: Query, target: str = "images", k: int = 10, rerank: int = 0) -> list[Hit]:
         """Top-k hits of one query; with `rerank` > 0 the fusion head re-scores the top max(rerank, k) first.
 
@@ -125,7 +109,8 @@ class Retriever:
         """
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
-        vector, qcache = self.embed_query(query)
+        features = encode_query(self.matcher, query.text, query.image)
+        vector = features.pooled.numpy()  # (1, E)
         n_cand = max(k, rerank) if rerank else k
         itc, rows = self.candidates(vector, target, n_cand)
         itc, rows = itc[0], rows[0]
@@ -134,7 +119,7 @@ class Retriever:
         itm = None
         score = itc.astype(np.float64)
         if rerank:
-            scores = self._rerank(query, qcache, target, rows)
+            scores = self._rerank(features, target, rows)
             itm = scores.itm.float().cpu().numpy()
             itc = scores.itc.float().cpu().numpy()
             score = scores.score.float().cpu().numpy()
@@ -142,18 +127,18 @@ class Retriever:
             rows, itc, itm, score = rows[order], itc[order], itm[order], score[order]
         return self._hits(target, rows[:k], score[:k], itc[:k], None if itm is None else itm[:k])
 
-    def _rerank(self, query: Query, qcache, target: str, rows: np.ndarray):
-        m = self.matcher
+    def _rerank(self, query: ImageFeatures | TextFeatures, target: str, rows: np.ndarray):
         if target == "images":
-            cands = ImageCache(torch.from_numpy(np.asarray(self.index.img_emb[rows])), self.index.image_tokens(rows))
-            if query.text is not None:
-                return m.rerank_images(qcache, cands)
-            raise ValueError("re-ranking scores image-caption pairs: an image query re-ranks --target captions")
-        tokens, mask = self.index.text_tokens(rows)
-        cands = TextCache(torch.from_numpy(np.asarray(self.index.text_emb[rows])), tokens, mask)
-        if query.image is not None:
-            return m.rerank_captions(qcache, cands)
-        raise ValueError("re-ranking scores image-caption pairs: a caption query re-ranks --target images")
+            if not isinstance(query, TextFeatures):
+                raise ValueError("re-ranking scores image-caption pairs: an image query re-ranks --target captions")
+            pooled = torch.from_numpy(np.asarray(self.index.img_emb[rows]))
+            candidates = ImageFeatures(pooled, self.index.image_tokens(rows))
+        else:
+            if not isinstance(query, ImageFeatures):
+                raise ValueError("re-ranking scores image-caption pairs: a caption query re-ranks --target images")
+            tokens, mask = self.index.text_tokens(rows)
+            candidates = TextFeatures(torch.from_numpy(np.asarray(self.index.text_emb[rows])), tokens, mask)
+        return self.matcher.rerank(query, candidates)
 
     def _hits(self, target, rows, score, itc, itm) -> list[Hit]:
         table = self.index.metadata if target == "images" else self.index.text_metadata
@@ -213,22 +198,47 @@ def read_queries(path: str | Path) -> list[Query]:
     return [Query(text=line.strip()) for line in lines]
 
 
+def index_model(index_dir: str | Path, ref: ModelRef | None = None, overrides: dict | None = None) -> ModelRef:
+    """The model to query an index with: `ref` when given, else the one the index's manifest records (exactly the
+    model that built it: preset or config file, weights, checkpoint, `--set` overrides); `overrides` go on top."""
+    if ref is None:
+        from mmcross.index.store import read_manifest
+
+        ref = ModelRef.from_dict(read_manifest(index_dir)["model"])
+    if overrides:
+        ref = dataclasses.replace(ref, overrides={**ref.overrides, **overrides})
+    return ref
+
+
 def search_index(
     index_dir: str | Path,
-    matcher: Matcher,
     queries: list[Query],
     *,
+    ref: ModelRef | None = None,
+    overrides: dict | None = None,
+    matcher: Matcher | None = None,
     target: str = "images",
     k: int = 10,
     rerank: int = 0,
     backend: str = "auto",
     nprobe: int | None = None,
-    model_name: str = "the query model",
+    html: str | Path | None = None,
 ) -> list[tuple[Query, list[Hit]]]:
-    """Open an index, check the model's fingerprint against it, and run every query (one process, one load)."""
-    from mmcross.index.store import model_fingerprint
+    """`mmcross search`: open an index, load its model (see `index_model`; or use `matcher`), check the weights'
+    fingerprint against the index, run every query (one process, one load), and write the hits as an HTML gallery
+    to `html` when given."""
+    from mmcross.factory import load_matcher, model_fingerprint, reference_name
 
+    if backend not in ("auto", "exact", "faiss"):
+        raise ValueError(f"--backend takes auto, exact or faiss, not {backend!r}")
     index = IndexStore(index_dir)
-    check_fingerprint(index, model_fingerprint(matcher), model_name)
+    ref = index_model(index_dir, ref, overrides)
+    matcher = matcher if matcher is not None else load_matcher(ref)
+    check_fingerprint(index, model_fingerprint(matcher), reference_name(ref))
     retriever = Retriever(index, matcher, backend=backend, nprobe=nprobe)
-    return [(q, retriever.search(q, target=target, k=k, rerank=rerank)) for q in queries]
+    results = [(q, retriever.search(q, target=target, k=k, rerank=rerank)) for q in queries]
+    if html is not None:
+        from mmcross.report.gallery import write_search_gallery
+
+        write_search_gallery(results, html, title=f"mmcross search: {Path(index_dir).name}")
+    return results

@@ -16,8 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from mmcross.data.images import try_decode
-from mmcross.data.records import Reject
+from mmcross.encode import encode_images, encode_texts, image_file_records
 from mmcross.model import Matcher
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -125,31 +124,27 @@ class _Writer:
 
 
 @torch.inference_mode()
-def score_batch(
-    matcher: Matcher, images: list, captions: list, image_root: Path, data_kwargs: dict | None = None
-) -> tuple[list, list, list, list]:
+def score_batch(matcher: Matcher, images: list, captions: list, image_root: Path) -> tuple[list, list, list, list]:
     """(itc, itm, score, reason) lists for aligned image paths and captions; bad rows get None scores."""
     n = len(images)
     itc, itm, score, reason = [None] * n, [None] * n, [None] * n, [None] * n
-    good, pixels, texts = [], [], []
+    rows, paths = [], []
     for i, (image, caption) in enumerate(zip(images, captions)):
         if caption is None or not str(caption).strip():
             reason[i] = "empty caption"
-            continue
-        if image is None or not str(image).strip():
+        elif image is None or not str(image).strip():
             reason[i] = "no image path"
+        else:
+            rows.append(i)
+            paths.append(str(image))
+    for batch in encode_images(matcher, image_file_records(paths, image_root), batch_size=max(len(paths), 1)):
+        for pos, reject in batch.rejects:
+            reason[rows[pos]] = f"image: {reject.reason}"
+        if batch.features is None:
             continue
-        path = Path(str(image))
-        path = path if path.is_absolute() else image_root / path
-        decoded = try_decode(path, str(path), None, **(data_kwargs or {}))
-        if isinstance(decoded, Reject):
-            reason[i] = f"image: {decoded.reason}"
-            continue
-        good.append(i)
-        pixels.append(matcher.image_encoder.preprocess(decoded.image))
-        texts.append(str(caption).strip())
-    if good:
-        s = matcher.match(torch.stack(pixels), texts)
+        good = [rows[pos] for pos in batch.indices]
+        texts = encode_texts(matcher, [str(captions[i]).strip() for i in good], batch_size=len(good))
+        s = matcher.score_pairs(batch.features, texts)
         for j, i in enumerate(good):
             itc[i], itm[i], score[i] = float(s.itc[j]), float(s.itm[j]), float(s.score[j])
     return itc, itm, score, reason

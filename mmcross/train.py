@@ -43,9 +43,9 @@ from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
 from mmcross.data.decoded import DecodedImages, augment_batch, default_cache_dir
 from mmcross.data.loader import collate, load_item
 from mmcross.data.records import Record, RejectLog, caption_key
-from mmcross.encoders import ImageFeatures, TextFeatures
+from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.losses import LossWeights, MatchingLoss, world
-from mmcross.model import ImageCache, Matcher, TextCache
+from mmcross.model import Matcher
 
 log = logging.getLogger(__name__)
 
@@ -325,39 +325,31 @@ def _read_records(path: str, fmt: str, split: str | None) -> list[Record]:
 
 @dataclass
 class _FeatureCache:
-    images: ImageCache  # encoder outputs of every training image (eval transform)
-    texts: TextCache  # every caption
+    images: ImageFeatures  # encoder outputs of every training image (eval transform)
+    texts: TextFeatures  # every caption
     first_caption: torch.Tensor  # (N,) index in `texts` of each image's first caption
     captions: list[str]  # the captions of `texts`, in order
     good: torch.Tensor  # (N,) bool, image decoded
 
 
-@torch.no_grad()
 def _build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: TrainCfg) -> _FeatureCache:
-    from mmcross.data.loader import image_loader
+    from mmcross.encode import encode_records, encode_texts
 
-    n = len(records)
-    pooled = tokens = None
-    good = torch.zeros(n, dtype=torch.bool)
-    for batch in image_loader(
-        records, matcher.image_encoder.preprocess, batch_size=cfg.batch_size, workers=cfg.workers
-    ):
-        if batch.pixels is None:
-            continue
-        feats = matcher.encode_image(batch.pixels)
-        if pooled is None:
-            pooled = torch.zeros(n, *feats.pooled.shape[1:], dtype=feats.pooled.dtype, device=feats.pooled.device)
-            tokens = torch.zeros(n, *feats.tokens.shape[1:], dtype=feats.tokens.dtype, device=feats.tokens.device)
-        index = torch.tensor(batch.indices)
-        pooled[index], tokens[index] = feats.pooled, feats.tokens
-        good[index] = True
-    if pooled is None:
-        raise ValueError("no training image could be decoded")
+    try:
+        encoded = encode_records(matcher, records, batch_size=cfg.batch_size, workers=cfg.workers)
+    except ValueError:
+        raise ValueError("no training image could be decoded") from None
+    good = torch.zeros(len(records), dtype=torch.bool)
+    good[encoded.indices] = True
+    pooled = encoded.features.pooled.new_zeros(len(records), *encoded.features.pooled.shape[1:])
+    tokens = encoded.features.tokens.new_zeros(len(records), *encoded.features.tokens.shape[1:])
+    pooled[good], tokens[good] = encoded.features.pooled, encoded.features.tokens
+    device = matcher.device
     captions = [c for r in records for c in r.captions]
-    texts = matcher.cache_texts(captions, batch_size=4 * cfg.batch_size, prepare=False)
+    texts = encode_texts(matcher, captions, batch_size=4 * cfg.batch_size).to(device)
     counts = torch.tensor([len(r.captions) for r in records])
     first = torch.cumsum(counts, 0) - counts
-    return _FeatureCache(ImageCache(pooled, tokens), texts, first, captions, good)
+    return _FeatureCache(ImageFeatures(pooled, tokens).to(device), texts, first, captions, good)
 
 
 def known_matches(
@@ -379,9 +371,8 @@ def known_matches(
     )
 
 
-def _raw_text(texts: TextCache, index: torch.Tensor) -> TextFeatures:
-    sel = texts.select(index)
-    return TextFeatures(sel.pooled, sel.tokens, sel.mask)  # pooled is normalised; the losses normalise again
+def _raw_text(texts: TextFeatures, index: torch.Tensor) -> TextFeatures:
+    return texts.select(index)
 
 
 def _normalisation(transform) -> tuple[list[float], list[float]]:

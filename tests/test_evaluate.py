@@ -56,7 +56,7 @@ def test_evaluate_matches_naive_loop(tiny_cfg, uneven):
     assert result["images"] == 7 and result["captions"] == len(captions) == 1 + 3 + 7 + 1 + 3 + 7 + 1
     pixels = torch.stack([matcher.image_encoder.preprocess(Image.open(r.path).convert("RGB")) for r in uneven])
     with torch.no_grad():
-        itc = matcher.embed_image(pixels) @ matcher.embed_text(captions).T
+        itc = matcher.encode_image(pixels).pooled @ matcher.encode_text(captions).pooled.T
         full = torch.stack(
             [matcher.match(pixels[i : i + 1].expand(len(captions), -1, -1, -1), captions).score for i in range(7)]
         )

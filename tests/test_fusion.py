@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmcross.config import FusionCfg
-from mmcross.fusion import CrossAttention, Fusion, MatchHead
+from mmcross.fusion import CrossAttention, Fusion, MatchHead, build_fusion
 
 P, DV, DT = 5, 12, 10  # patches, image and text token widths of the fake encoder outputs
 VARIANTS = ["joint", "text_to_image"]
@@ -20,7 +20,7 @@ def make_fusion(variant: str, seed: int = 0, text_pool: str = "mean") -> tuple[F
         variant=variant, dim=16, self_layers=1, cross_layers=2, heads=2, dim_head=8, mlp_ratio=2.0, text_pool=text_pool
     )
     torch.manual_seed(seed)
-    return Fusion(cfg, DV, DT).eval(), MatchHead(cfg.dim).eval()
+    return build_fusion(cfg, DV, DT).eval(), MatchHead(cfg.dim).eval()
 
 
 def make_batch(lengths: list[int], pad_to: int | None = None, seed: int = 1):
@@ -196,9 +196,9 @@ def test_cached_image_keys_values_and_broadcast_query_equal_recomputation():
 
 def test_unknown_variant_and_kv_of_joint_variant_are_errors():
     with pytest.raises(ValueError, match="text_to_image"):
-        Fusion(FusionCfg(variant="nope"), DV, DT)
+        build_fusion(FusionCfg(variant="nope"), DV, DT)
     with pytest.raises(ValueError, match="attention"):
-        Fusion(FusionCfg(text_pool="max"), DV, DT)
+        build_fusion(FusionCfg(text_pool="max"), DV, DT)
     fusion, _ = make_fusion("joint")
     with pytest.raises(ValueError, match="text_to_image"):
         fusion.image_kv(torch.zeros(1, P, 16))
@@ -225,9 +225,9 @@ def twin_fusions(flag: str, patches: int) -> tuple[Fusion, Fusion, tuple]:
     """A text_to_image fusion with `flag` on, the same weights with it off, and a batch on a square grid of patches."""
     cfg = FusionCfg(variant="text_to_image", dim=16, heads=2, dim_head=8, mlp_ratio=2.0, **{flag: True})
     torch.manual_seed(0)
-    fusion = Fusion(cfg, DV, DT).eval()
+    fusion = build_fusion(cfg, DV, DT).eval()
     torch.manual_seed(0)
-    plain = Fusion(FusionCfg(**{**cfg.__dict__, flag: False}), DV, DT).eval()
+    plain = build_fusion(FusionCfg(**{**cfg.__dict__, flag: False}), DV, DT).eval()
     g = torch.Generator().manual_seed(3)
     image, text = torch.randn(2, patches, DV, generator=g), torch.randn(2, 6, DT, generator=g)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
@@ -323,6 +323,6 @@ def test_pair_readout_in_the_fusion_reads_the_last_cross_layer_and_ignores_paddi
         assert torch.allclose(out.pooled, base + torch.cat([torch.zeros_like(readout), readout], -1), atol=1e-5)
         assert torch.allclose(out.pooled, padded_pooled(fusion, image, text, mask), atol=1e-5)
     with pytest.raises(ValueError, match="text_to_image"):
-        Fusion(FusionCfg(variant="joint", pair_readout=True), DV, DT)
+        build_fusion(FusionCfg(variant="joint", pair_readout=True), DV, DT)
     with pytest.raises(ValueError, match="square grid"):
         fusion(torch.randn(1, 5, DV), text[:1], mask[:1])

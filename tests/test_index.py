@@ -12,6 +12,7 @@ from index_helpers import make_dataset
 from typer.testing import CliRunner
 
 from cli import app
+from mmcross.config import ModelRef
 from mmcross.factory import create_matcher
 from mmcross.index.build import BuildOptions, build_index
 from mmcross.index.search import exact_search
@@ -62,7 +63,7 @@ def test_search_text_image_rerank_and_score_end_to_end(built, dataset, tmp_path,
     out = _invoke(["search", str(built), "--text", "a red circle", "--k", "3", "--json"]).output
     hits = json.loads(out)["hits"]
     assert len(hits) == 3 and hits[0]["itm"] is None and hits[0]["score"] == hits[0]["itc"]
-    query = tiny_matcher.embed_text("a red circle").detach().numpy()
+    query = tiny_matcher.encode_text("a red circle").pooled.detach().numpy()
     ranked = np.argsort(-(IndexStore(built).img_emb @ query[0]), kind="stable")[:3]
     assert [h["corpus_id"] for h in hits] == ranked.tolist()
 
@@ -115,7 +116,7 @@ def test_score_jsonl_keeps_rows_and_columns(dataset, tmp_path):
 def test_fingerprint_mismatch_is_refused_naming_both(built):
     other = create_matcher("tiny", overrides={"fusion.seed": "1"})
     with pytest.raises(ValueError, match=r"built with model tiny \(fingerprint sha256:.*query model is other"):
-        search_index(built, other, [Query(text="a cat")], model_name="other")
+        search_index(built, [Query(text="a cat")], ref=ModelRef(model="other"), matcher=other)
     result = runner.invoke(app, ["search", str(built), "--text", "x", "--model", "vit-b-32"])
     assert result.exit_code == 2 and "fingerprint" in result.output
 
@@ -183,4 +184,4 @@ def test_no_images_and_no_captions(tmp_path, tiny_matcher, dataset):
     store = IndexStore(tmp_path / "i")
     assert store.text_emb is None and store.img_emb.shape == (12, 128)
     with pytest.raises(ValueError, match="no token cache"):
-        search_index(tmp_path / "i", tiny_matcher, [Query(text="red")], rerank=5)
+        search_index(tmp_path / "i", [Query(text="red")], matcher=tiny_matcher, rerank=5)

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcross.config import FusionCfg, MatcherCfg
-from mmcross.encoders import ImageFeatures, TextFeatures
+from mmcross.encode import encode_pixels, encode_texts
 from mmcross.factory import create_matcher, list_models
-from mmcross.fusion import Fusion, MatchHead
-from mmcross.model import ImageCache, Matcher, TextCache
+from mmcross.features import ImageFeatures, TextFeatures
+from mmcross.fusion import MatchHead, build_fusion
+from mmcross.model import Matcher
 
 VARIANTS = ["joint", "text_to_image"]
 CAPTIONS = ["a dog", "a red car on a long empty road", "cat", "two people walk on the beach at dusk", "x y", "a b c"]
@@ -65,7 +66,7 @@ def fake_matcher(variant: str = "joint", itc_weight: float = 0.7, seed: int = 0)
     torch.manual_seed(seed)
     fusion_cfg = FusionCfg(variant=variant, dim=16, self_layers=1, cross_layers=2, heads=2, dim_head=8, mlp_ratio=2)
     cfg = MatcherCfg(fusion=fusion_cfg, itc_weight=itc_weight)
-    fusion = Fusion(fusion_cfg, FakeImageEncoder.token_dim, FakeTextEncoder.token_dim)
+    fusion = build_fusion(fusion_cfg, FakeImageEncoder.token_dim, FakeTextEncoder.token_dim)
     return Matcher(FakeImageEncoder(), FakeTextEncoder(), fusion, MatchHead(16), cfg).eval()
 
 
@@ -78,11 +79,13 @@ def test_score_is_itm_plus_weighted_itc_and_itc_is_the_dual_encoder_cosine():
     images = pixels(len(CAPTIONS))
     with torch.no_grad():
         s = matcher.match(images, CAPTIONS)
-        cosine = (matcher.embed_image(images) * matcher.embed_text(CAPTIONS)).sum(-1)
+        towers = matcher.image_encoder(images).pooled, matcher.text_encoder(matcher.tokenize(CAPTIONS)).pooled
+        cosine = (F.normalize(towers[0], dim=-1) * F.normalize(towers[1], dim=-1)).sum(-1)
     assert torch.allclose(s.itc, cosine, atol=1e-6)
     assert torch.allclose(s.itm, torch.sigmoid(s.itm_logit))
     assert torch.allclose(s.score, s.itm + 0.7 * s.itc)
-    assert torch.allclose(matcher.embed_image(images).norm(dim=-1), torch.ones(len(CAPTIONS)))
+    assert torch.allclose(matcher.encode_image(images).pooled.norm(dim=-1), torch.ones(len(CAPTIONS)))
+    assert torch.allclose(matcher.encode_text(CAPTIONS).pooled.norm(dim=-1), torch.ones(len(CAPTIONS)))
 
 
 def per_pair(matcher: Matcher, images: torch.Tensor, captions: list[str]):
@@ -97,30 +100,31 @@ def per_pair(matcher: Matcher, images: torch.Tensor, captions: list[str]):
 def test_rerank_images_from_cache_equals_per_pair_scoring(variant, prepare):
     matcher = fake_matcher(variant)
     images = pixels(7)
-    cache = matcher.cache_images(images, batch_size=3, prepare=prepare)
+    cache = encode_pixels(matcher, images, batch_size=3, prepare=prepare)
     assert (cache.states is not None) == prepare and (cache.kv is not None) == (prepare and variant == "text_to_image")
     query = CAPTIONS[1]
-    got = matcher.rerank_images(query, cache, batch_size=3)  # three fusion calls: 3 + 3 + 1 candidates
+    got = matcher.rerank(query, cache, batch_size=3)  # three fusion calls: 3 + 3 + 1 candidates
     score, itm, itc = per_pair(matcher, images, [query] * 7)
     assert torch.allclose(got.score, score, atol=1e-5) and torch.allclose(got.itm, itm, atol=1e-5)
     assert torch.allclose(got.itc, itc, atol=1e-6)
     assert score.std() > 1e-3
     # the image encoder is not called again
     matcher.image_encoder.forward = None
-    assert torch.allclose(matcher.rerank_images(query, cache, batch_size=100).score, got.score, atol=1e-6)
+    assert torch.allclose(matcher.rerank(query, cache, batch_size=100).score, got.score, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rerank_captions_from_cache_equals_per_pair_scoring(variant):
     matcher = fake_matcher(variant)
-    cache = matcher.cache_texts(CAPTIONS, batch_size=2)  # batches of different lengths, padded to the longest
+    # batches of different lengths, padded to the longest
+    cache = encode_texts(matcher, CAPTIONS, batch_size=2, prepare=True)
     assert cache.tokens.shape[:2] == cache.mask.shape == (len(CAPTIONS), 8)
     image = pixels(1, seed=5)
-    got = matcher.rerank_captions(image[0], cache, batch_size=4)
+    got = matcher.rerank(image[0], cache, batch_size=4)
     score, itm, _ = per_pair(matcher, image.expand(len(CAPTIONS), -1, -1, -1), CAPTIONS)
     assert torch.allclose(got.score, score, atol=1e-5) and torch.allclose(got.itm, itm, atol=1e-5)
     matcher.text_encoder.forward = None  # the captions are not encoded again
-    subset = matcher.rerank_captions(image, cache.select([4, 0, 2]))  # cut to its longest caption (3 words)
+    subset = matcher.rerank(image, cache.select([4, 0, 2]))  # cut to its longest caption (3 words)
     assert torch.allclose(subset.score, score[[4, 0, 2]], atol=1e-5)
 
 
@@ -128,7 +132,7 @@ def test_rerank_captions_from_cache_equals_per_pair_scoring(variant):
 def test_rerank_attention_maps_equal_aligned_pair_maps(variant):
     matcher = fake_matcher(variant)
     images = pixels(3)
-    got = matcher.rerank_images("a red car", matcher.cache_images(images), return_attention=True)
+    got = matcher.rerank("a red car", encode_pixels(matcher, images, prepare=True), return_attention=True)
     with torch.no_grad():
         want = matcher.match(images, ["a red car"] * 3, return_attention=True)
     assert len(got.attention) == 2 and got.attention[0].shape == (3, 2, 3, 4)  # (K, H, L, P)
@@ -140,19 +144,17 @@ def test_rerank_attention_maps_equal_aligned_pair_maps(variant):
 def test_caches_are_plain_tensors_that_round_trip_and_may_be_float16():
     matcher = fake_matcher("text_to_image")
     images = pixels(4)
-    cache = matcher.cache_images(images)
-    again = ImageCache.from_tensors({k: v.clone() for k, v in cache.to_tensors().items()})
-    assert torch.equal(matcher.rerank_images("a dog", again).score, matcher.rerank_images("a dog", cache).score)
-    half = matcher.cache_images(images, dtype=torch.float16, prepare=False)
+    cache = encode_pixels(matcher, images, prepare=True)
+    again = ImageFeatures.from_tensors({k: v.clone() for k, v in cache.to_tensors().items()})
+    assert torch.equal(matcher.rerank("a dog", again).score, matcher.rerank("a dog", cache).score)
+    half = encode_pixels(matcher, images, dtype=torch.float16, prepare=False)
     assert half.tokens.dtype == torch.float16 and set(half.to_tensors()) == {"pooled", "tokens"}
-    assert torch.allclose(
-        matcher.rerank_images("a dog", half).score, matcher.rerank_images("a dog", cache).score, atol=1e-2
-    )
-    texts = matcher.cache_texts(CAPTIONS)
+    assert torch.allclose(matcher.rerank("a dog", half).score, matcher.rerank("a dog", cache).score, atol=1e-2)
+    texts = encode_texts(matcher, CAPTIONS, prepare=True)
     assert set(texts.to_tensors()) == {"pooled", "tokens", "mask", "states"} and texts.mask.dtype == torch.bool
-    assert len(TextCache.from_tensors(texts.to_tensors())) == len(CAPTIONS)
+    assert len(TextFeatures.from_tensors(texts.to_tensors())) == len(CAPTIONS)
     with pytest.raises(ValueError, match="one query"):
-        matcher.rerank_images(CAPTIONS[:2], cache)
+        matcher.rerank(CAPTIONS[:2], cache)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -187,10 +189,10 @@ def test_tiny_preset_rerank_equals_per_pair_and_same_seed_gives_same_scores(vari
     size = matcher.image_encoder.image_size
     images = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
     captions = ["a dog runs on the grass", "red", "a man in a blue shirt rides a bike down a hill"]
-    got = matcher.rerank_images(captions[2], matcher.cache_images(images))
+    got = matcher.rerank(captions[2], encode_pixels(matcher, images, prepare=True))
     score, _, _ = per_pair(matcher, images, [captions[2]] * 3)
     assert torch.allclose(got.score, score, atol=1e-5)
-    got = matcher.rerank_captions(images[1], matcher.cache_texts(captions))
+    got = matcher.rerank(images[1], encode_texts(matcher, captions, prepare=True))
     score, _, _ = per_pair(matcher, images[1:2].expand(3, -1, -1, -1), captions)
     assert torch.allclose(got.score, score, atol=1e-5)
     with torch.no_grad():

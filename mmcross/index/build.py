@@ -20,14 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 
 from mmcross import __version__
-from mmcross.config import DataCfg, to_dict
-from mmcross.data.loader import image_loader
+from mmcross.config import DataCfg, ModelRef, to_dict
 from mmcross.data.records import Record
 from mmcross.data.registry import open_dataset
+from mmcross.encode import encode_images, encode_texts
 from mmcross.index import store
 from mmcross.model import Matcher
 
@@ -122,7 +120,7 @@ def build_index(
     matcher: Matcher,
     data_cfg: DataCfg | None = None,
     opts: BuildOptions | None = None,
-    model_ref: dict | None = None,
+    ref: ModelRef | None = None,
 ) -> BuildReport:
     """Embed a dataset's images and/or captions into an index folder (see `mmcross.index.store` for the layout).
 
@@ -132,24 +130,31 @@ def build_index(
         matcher: the model; its weights' fingerprint goes into the manifest.
         data_cfg: reader options (format, split, ...).
         opts: what to embed and how (resume, append, ranks, faiss).
-        model_ref: how the model was named (preset, pretrained, checkpoint), recorded in the manifest.
+        ref: how the model was named (`ModelRef`), recorded in the manifest whole so `search` rebuilds that model.
 
     Raises:
-        ValueError: nothing to embed, an existing index without --resume/--append, or a resume with other options.
+        ValueError: nothing to embed, an existing index without --resume/--append, a resume with other options, or
+            options that do not go together.
     """
+    from mmcross.factory import model_fingerprint, pinned
+
     opts = opts or BuildOptions()
     if not (opts.images or opts.captions):
         raise ValueError("nothing to embed: --no-images and --no-captions together")
+    if opts.faiss not in ("none", "flat", "ivf", "hnsw"):
+        raise ValueError(f"--faiss takes none, flat, ivf or hnsw, not {opts.faiss!r}")
+    if opts.resume and opts.append:
+        raise ValueError("give --resume or --append, not both")
     start = time.perf_counter()
     root = Path(out)
     data_cfg = data_cfg or DataCfg()
     ds = open_dataset(dataset, data_cfg)
-    fingerprint = store.model_fingerprint(matcher)
+    fingerprint = model_fingerprint(matcher)
     job = {
         "dataset": str(dataset),
         "data": to_dict(data_cfg),
         "fingerprint": fingerprint,
-        "model": {**(model_ref or {}), "config": to_dict(matcher.cfg)},
+        "model": to_dict(pinned(ref or ModelRef(model=matcher.cfg.name), matcher)),
         "embed_images": opts.images,
         "embed_captions": opts.captions,
         "cache_tokens": opts.cache_tokens,
@@ -196,7 +201,6 @@ def _records_table(records: list[Record], with_path: bool = True) -> pa.Table:
     )
 
 
-@torch.inference_mode()
 def _embed_texts(matcher: Matcher, records: list[Record], opts: BuildOptions):
     rows = [(r.image_id, c, i) for r in records for i, c in enumerate(r.captions)]
     meta = pa.table(
@@ -209,16 +213,11 @@ def _embed_texts(matcher: Matcher, records: list[Record], opts: BuildOptions):
     captions = [x[1] for x in rows]
     if not captions:
         return meta, np.zeros((0, matcher.image_encoder.embed_dim), np.float32), None, None
+    features = encode_texts(matcher, captions, batch_size=opts.batch_size * 4, tokens=opts.cache_tokens)
+    pooled = features.pooled.numpy().astype(np.float32)
     if not opts.cache_tokens:
-        emb = F.normalize(matcher.text_encoder.encode(captions, batch_size=opts.batch_size * 4).float(), dim=-1)
-        return meta, emb.cpu().numpy().astype(np.float32), None, None
-    cache = matcher.cache_texts(captions, batch_size=opts.batch_size * 4, prepare=False)
-    return (
-        meta,
-        cache.pooled.float().cpu().numpy(),
-        cache.tokens.cpu().numpy().astype(TOKEN_DTYPE),
-        cache.mask.cpu().numpy().astype(bool),
-    )
+        return meta, pooled, None, None
+    return meta, pooled, features.tokens.numpy().astype(TOKEN_DTYPE), features.mask.numpy().astype(bool)
 
 
 def _embed_shards(
@@ -251,33 +250,32 @@ def _embed_shards(
 
     flat = [records[i] for _, i in todo]
     owner = [n for n, _ in todo]
-    loader = image_loader(
+    batches = encode_images(
+        matcher,
         flat,
-        matcher.image_encoder.preprocess,
         batch_size=opts.batch_size,
         workers=opts.workers,
         cfg=data_cfg,
-        draft_size=matcher.image_encoder.image_size[::-1],
+        tokens=opts.cache_tokens,
+        draft=True,
     )
     pending: dict[int, dict] = {n: {"left": min(S, len(records) - spans[n]), "rows": [], "rejects": []} for n in shards}
-    with torch.inference_mode():
-        for batch in loader:
-            if batch.pixels is not None:
-                feats = matcher.encode_image(batch.pixels)
-                pooled = F.normalize(feats.pooled.float(), dim=-1).cpu().numpy()
-                tokens = feats.tokens.cpu().numpy().astype(TOKEN_DTYPE) if opts.cache_tokens else None
-                for j, (pos, record) in enumerate(zip(batch.indices, batch.records)):
-                    p = pending[owner[pos]]
-                    p["rows"].append((pos, record, pooled[j], None if tokens is None else tokens[j]))
-                    p["left"] -= 1
-                images_done += len(batch.indices)
-            for pos, reject in batch.rejects:
+    for batch in batches:
+        if batch.features is not None:
+            pooled = batch.features.pooled.cpu().numpy()
+            tokens = batch.features.tokens.cpu().numpy().astype(TOKEN_DTYPE) if opts.cache_tokens else None
+            for j, (pos, record) in enumerate(zip(batch.indices, batch.records)):
                 p = pending[owner[pos]]
-                p["rejects"].append((pos, {**asdict(reject), "shard": owner[pos]}))
+                p["rows"].append((pos, record, pooled[j], None if tokens is None else tokens[j]))
                 p["left"] -= 1
-            bar.advance(len(batch.indices) + len(batch.rejects))
-            for n in [n for n, p in pending.items() if p["left"] == 0]:
-                _write_image_shard(root, matcher, n, records[spans[n] : spans[n] + S], pending.pop(n), opts)
+            images_done += len(batch.indices)
+        for pos, reject in batch.rejects:
+            p = pending[owner[pos]]
+            p["rejects"].append((pos, {**asdict(reject), "shard": owner[pos]}))
+            p["left"] -= 1
+        bar.advance(len(batch.indices) + len(batch.rejects))
+        for n in [n for n, p in pending.items() if p["left"] == 0]:
+            _write_image_shard(root, matcher, n, records[spans[n] : spans[n] + S], pending.pop(n), opts)
     bar.close()
     return images_done
 

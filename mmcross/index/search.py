@@ -110,12 +110,12 @@ def faiss_search(index, queries: np.ndarray, k: int, nprobe: int | None = None) 
 
 def build_faiss_files(root: Path, shards: list[int], kind: str) -> dict[str, str]:
     """Build faiss indexes over an index folder's image and caption vectors; returns {target: relative path}."""
-    from mmcross.index.store import _concat_npy
+    from mmcross.index.store import concat_npy
 
     faiss = _faiss()
     out = {}
     for target, kind_name in (("images", "img_emb"), ("captions", "text_emb")):
-        vectors = _concat_npy(Path(root), kind_name, shards)
+        vectors = concat_npy(Path(root), kind_name, shards)
         if vectors is None or len(vectors) == 0:
             continue
         index = build_faiss(vectors, kind)

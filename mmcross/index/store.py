@@ -21,7 +21,6 @@ temporary name and renamed, so a killed job leaves either the whole file or noth
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -78,17 +77,6 @@ def atomic_write_parquet(path: Path, table: pa.Table) -> None:
     tmp = _tmp(path)
     pq.write_table(table, tmp)
     tmp.replace(path)
-
-
-def model_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of a model's weights (every state-dict tensor, by name): equal weights give equal fingerprints."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()[:16]
 
 
 @dataclass
@@ -157,7 +145,7 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def _concat_npy(root: Path, kind: str, shards: list[int], mmap: bool = False) -> np.ndarray | None:
+def concat_npy(root: Path, kind: str, shards: list[int], mmap: bool = False) -> np.ndarray | None:
     parts = [shard_path(root, kind, n, "npy") for n in shards]
     parts = [p for p in parts if p.is_file()]
     if not parts:
@@ -182,14 +170,14 @@ class IndexStore:
     def img_emb(self) -> np.ndarray | None:
         """(N, E) float32 image vectors in shard order; None when the index holds no images."""
         if self._img_emb is None:
-            self._img_emb = _concat_npy(self.root, "img_emb", self.shards)
+            self._img_emb = concat_npy(self.root, "img_emb", self.shards)
         return self._img_emb
 
     @property
     def text_emb(self) -> np.ndarray | None:
         """(M, E) float32 caption vectors in input order; None when the index holds no captions."""
         if self._text_emb is None:
-            self._text_emb = _concat_npy(self.root, "text_emb", self.shards)
+            self._text_emb = concat_npy(self.root, "text_emb", self.shards)
         return self._text_emb
 
     @property
