@@ -12,7 +12,7 @@ from index_helpers import make_dataset
 from typer.testing import CliRunner
 
 from cli import app
-from mmcross.config import ModelRef
+from mmcross.config import PRESET_DIR, ModelRef
 from mmcross.factory import create_matcher
 from mmcross.index.build import BuildOptions, build_index
 from mmcross.index.search import exact_search
@@ -185,3 +185,49 @@ def test_no_images_and_no_captions(tmp_path, tiny_matcher, dataset):
     assert store.text_emb is None and store.img_emb.shape == (12, 128)
     with pytest.raises(ValueError, match="no token cache"):
         search_index(tmp_path / "i", [Query(text="red")], matcher=tiny_matcher, rerank=5)
+
+
+def _direct_hits(dataset, matcher, caption: str, k: int, rerank: int) -> tuple[list[int], list[float]]:
+    """The hits `matcher` gives in-process from the images themselves: ITC top `rerank`, then the ranking score."""
+    from mmcross.data.registry import open_dataset
+    from mmcross.encode import encode_records
+
+    images = encode_records(matcher, list(open_dataset(dataset).records())).features
+    itc = images.pooled @ matcher.encode_text(caption).pooled[0]  # (N,)
+    top = torch.argsort(-itc, stable=True)[:rerank]
+    scores = matcher.rerank(caption, images.select(top)).score
+    order = torch.argsort(-scores, stable=True)[:k]
+    return top[order].tolist(), scores[order].tolist()
+
+
+@pytest.mark.parametrize("how", ["set", "config_file"])
+def test_search_rebuilds_the_model_that_built_the_index(dataset, tmp_path, how):
+    """An index built with --set (or from a JSON config file that is gone since) is searched and re-ranked without
+    naming the model again, with the same hits as that matcher in-process."""
+    out = tmp_path / "index"
+    if how == "set":
+        model_args = ["--model", "tiny", "--set", "fusion.dim=64", "--set", "fusion.heads=2"]
+        matcher = create_matcher("tiny", overrides={"fusion.dim": "64", "fusion.heads": "2"})
+    else:
+        config = json.loads((PRESET_DIR / "tiny.json").read_text())
+        config["fusion"] = {**config["fusion"], "dim": 32, "cross_layers": 1}
+        path = tmp_path / "mine.json"
+        path.write_text(json.dumps(config))
+        model_args = ["--model", str(path)]
+        matcher = create_matcher(str(path))
+    _invoke(["index", str(dataset), "--out", str(out), *model_args, "--shard-size", "5", "-j", "0"])
+    if how == "config_file":
+        path.unlink()  # the manifest holds the resolved config, not only the file's name
+    hits = json.loads(
+        _invoke(["search", str(out), "--text", "a red circle", "--k", "3", "--rerank", "8", "--json"]).output
+    )
+    ids, scores = _direct_hits(dataset, matcher, "a red circle", 3, 8)
+    assert [h["corpus_id"] for h in hits["hits"]] == ids
+    assert [h["score"] for h in hits["hits"]] == pytest.approx(scores, abs=2e-2)  # tokens are stored in float16
+    # --set goes on top of the index's model: a ranking weight is accepted, another architecture is refused
+    again = _invoke(
+        ["search", str(out), "--text", "a red circle", "--k", "3", "--rerank", "8", "--json", "--set", "itc_weight=0"]
+    ).output
+    assert all(h["score"] == pytest.approx(h["itm"]) for h in json.loads(again)["hits"])
+    refused = runner.invoke(app, ["search", str(out), "--text", "x", "--set", "fusion.dim=16"])
+    assert refused.exit_code == 2 and "fingerprint" in refused.output
