@@ -86,8 +86,6 @@ def embed(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per forward pass."),
 ) -> None:
     """Embed captions and/or images with the dual encoder: unit vectors, images first, then captions."""
-    import numpy as np
-
     from mmcross.encode import embed as embed_items
     from mmcross.factory import load_matcher
 
@@ -96,9 +94,10 @@ def embed(
         raise typer.Exit(2)
     with user_errors():
         matcher = load_matcher(_ref(model, pretrained, None, set_))
-        vectors = embed_items(matcher, images=list(image or []), captions=list(text or []), batch_size=batch_size)
+        vectors = embed_items(
+            matcher, images=list(image or []), captions=list(text or []), batch_size=batch_size, out=out
+        )
     if out is not None:
-        np.save(out, vectors)
         typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}", err=True)
         return
     inputs = [("image", str(p)) for p in image or []] + [("text", t) for t in text or []]

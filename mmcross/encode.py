@@ -235,9 +235,15 @@ def encode_query(
 
 
 def embed(
-    matcher: Matcher, *, images: Sequence[str | Path] = (), captions: Sequence[str] = (), batch_size: int = 64
+    matcher: Matcher,
+    *,
+    images: Sequence[str | Path] = (),
+    captions: Sequence[str] = (),
+    batch_size: int = 64,
+    out: str | Path | None = None,
 ) -> np.ndarray:
-    """(N, E) float32 unit vectors: the image files first, then the captions (what `mmcross embed` prints).
+    """(N, E) float32 unit vectors: the image files first, then the captions (`mmcross embed`); also saved to the
+    .npy file `out` when given.
 
     Raises:
         ValueError: an image that cannot be decoded (named), or an empty caption.
@@ -250,6 +256,7 @@ def embed(
         parts.append(batch.features.pooled.cpu().numpy())
     if captions:
         parts.append(encode_texts(matcher, captions, batch_size=batch_size, tokens=False).pooled.numpy())
-    if not parts:
-        return np.zeros((0, matcher.image_encoder.embed_dim), np.float32)
-    return np.concatenate(parts).astype(np.float32)
+    vectors = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, matcher.image_encoder.embed_dim))
+    if out is not None:
+        np.save(out, vectors.astype(np.float32))
+    return vectors.astype(np.float32)
