@@ -294,14 +294,11 @@ def index(
     """Embed a dataset into an index folder in clip-retrieval's layout, with a token cache for re-ranking."""
     from mmcross.config import DataCfg
     from mmcross.factory import load_matcher
-    from mmcross.index.build import BuildOptions, build_index, rank_from_env, setup_distributed
+    from mmcross.index.build import BuildOptions, build_index
 
     with user_errors():
-        r, w = rank_from_env(rank, world_size)
-        setup_distributed(r, w)
         data_cfg = DataCfg(format=fmt, split=split, image_root=str(image_root) if image_root else None)
         ref = _ref(model, pretrained, checkpoint, set_)
-        matcher = load_matcher(ref)
         opts = BuildOptions(
             images=images,
             captions=captions,
@@ -312,12 +309,11 @@ def index(
             faiss=faiss,
             resume=resume,
             append=append,
-            rank=r,
-            world_size=w,
-            progress=sys.stderr.isatty(),
+            rank=rank,
+            world_size=world_size,
         )
-        report = build_index(dataset, out, matcher, data_cfg, opts, ref)
-    who = f"rank {r}/{w}: " if w > 1 else ""
+        report = build_index(dataset, out, load_matcher(ref), data_cfg, opts, ref)
+    who = f"rank {report.rank}/{report.world_size}: " if report.world_size > 1 else ""
     typer.echo(
         f"{who}wrote {report.shards_written} shard(s) to {out} ({report.format}), "
         f"{report.images_per_s:.1f} images/s over {report.seconds:.1f}s"
@@ -472,8 +468,6 @@ def train(
 
     Writes the run directory (see `mmcross.train`) and loss.png, the loss curve of its log.jsonl.
     """
-    import os
-
     from mmcross.config import parse_set_options
     from mmcross.train import train_from_config
 
@@ -485,10 +479,8 @@ def train(
         "stopped_by": result.stopped_by,
         "seconds": round(result.seconds, 1),
     }
-    if (result.run_dir / "log.jsonl").is_file() and os.environ.get("RANK", "0") == "0":  # rank 0 writes the log
-        from mmcross.report.plots import loss_curve
-
-        summary["loss_curve"] = str(loss_curve(result.run_dir / "log.jsonl"))
+    if result.loss_curve is not None:
+        summary["loss_curve"] = str(result.loss_curve)
     if result.eval is not None:
         summary["best_rsum"] = result.best
         summary["metrics"] = result.eval["metrics"]

@@ -23,7 +23,7 @@ from mmcross.data.loader import collate, load_item
 from mmcross.data.registry import open_dataset
 from mmcross.factory import create_matcher
 from mmcross.losses import LossWeights, MatchingLoss
-from mmcross.train import _normalisation
+from mmcross.train.plan import normalisation
 
 STEPS = 6
 
@@ -35,7 +35,7 @@ def main(preset: str, batch: int, threads: int, data: str, itm: bool = True) -> 
     opt = torch.optim.AdamW([*matcher.parameters(), *loss.parameters()], lr=1e-4, fused=True)
     records = [r for r in open_dataset(str(FLICKR8K), DataCfg(format="flickr", split="train")).records() if r.captions]
     h, w = matcher.image_encoder.image_size
-    mean, std = _normalisation(matcher.image_encoder.preprocess)
+    mean, std = normalisation(matcher.image_encoder.preprocess)
     side = math.ceil(max(h, w) * 1.15 / 8) * 8
     cache = None
     if data == "cache":

@@ -22,18 +22,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mmcross.dist import world
 from mmcross.features import ImageFeatures, TextFeatures
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

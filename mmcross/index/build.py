@@ -9,9 +9,9 @@ else by whichever process finishes the last shard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,9 +25,11 @@ from mmcross import __version__
 from mmcross.config import DataCfg, ModelRef, to_dict
 from mmcross.data.records import Record
 from mmcross.data.registry import open_dataset
+from mmcross.dist import barrier, join, rank_from_env
 from mmcross.encode import encode_images, encode_texts
 from mmcross.index import store
 from mmcross.model import Matcher
+from mmcross.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,9 @@ class BuildOptions:
     faiss: str = "none"  # none, flat, ivf or hnsw: also build a faiss index over the vectors
     resume: bool = False  # finish an interrupted job in the same folder
     append: bool = False  # add records the index does not hold yet
-    rank: int = 0  # this process's rank
-    world_size: int = 1  # processes sharing the job
-    progress: bool = True  # show a progress bar on stderr
+    rank: int | None = None  # this process's rank; None = torchrun's $RANK, else 0
+    world_size: int | None = None  # processes sharing the job; None = $WORLD_SIZE, else 1
+    progress: bool = True  # show progress on stderr (a bar on a terminal, a line every ~30 s otherwise)
 
 
 @dataclass
@@ -63,16 +65,9 @@ class BuildReport:
     seconds: float
     images_per_s: float  # images embedded by this process per second
     complete: bool  # manifest written
+    rank: int = 0  # this process
+    world_size: int = 1  # processes sharing the job
     notes: list[str] = field(default_factory=list)
-
-
-def rank_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
-    r = rank if rank is not None else int(os.environ.get("RANK", 0))
-    w = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    if w < 1 or not 0 <= r < w:
-        raise ValueError(f"rank {r} is not in 0..{w - 1}")
-    return r, w
 
 
 def _existing_ids(root: Path, shards: Sequence[int]) -> set[str]:
@@ -145,6 +140,9 @@ def build_index(
         raise ValueError(f"--faiss takes none, flat, ivf or hnsw, not {opts.faiss!r}")
     if opts.resume and opts.append:
         raise ValueError("give --resume or --append, not both")
+    rank, world_size = rank_from_env(opts.rank, opts.world_size)
+    join(rank, world_size)  # torchrun's group, when there is one: ranks then wait for each other at the end
+    opts = dataclasses.replace(opts, rank=rank, world_size=world_size)
     start = time.perf_counter()
     root = Path(out)
     data_cfg = data_cfg or DataCfg()
@@ -181,7 +179,8 @@ def build_index(
     seconds = time.perf_counter() - start
 
     complete = _finish(root, job, ds.stats.rejects, opts)
-    report = BuildReport(str(root), ds.format, len(mine), 0, 0, 0, seconds, images_done / max(seconds, 1e-9), complete)
+    rate = images_done / max(seconds, 1e-9)
+    report = BuildReport(str(root), ds.format, len(mine), 0, 0, 0, seconds, rate, complete, rank, world_size)
     if complete:
         manifest = store.read_manifest(root)
         report.images, report.captions, report.rejects = manifest["images"], manifest["captions"], manifest["rejects"]
@@ -237,7 +236,7 @@ def _embed_shards(
     spans = {n: (n - first_shard) * S for n in shards}
     todo = [(n, i) for n in shards for i in range(spans[n], min(spans[n] + S, len(records)))]
     images_done = 0
-    bar = _Progress(len(todo), "images" if opts.images else "records", opts.progress)
+    bar = Progress(len(todo), "embedding", "images" if opts.images else "records", enabled=opts.progress)
     if not opts.images:
         for n in shards:
             chunk = records[spans[n] : spans[n] + S]
@@ -293,19 +292,9 @@ def _write_image_shard(root: Path, matcher: Matcher, n: int, chunk: list[Record]
     store.write_shard(root, shard)
 
 
-def _barrier() -> bool:
-    """Wait for every rank under torch.distributed; False when it is not initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        return True
-    return False
-
-
 def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> bool:
     """Write the manifest (and faiss indexes, rejects.jsonl) once every shard of the job is done."""
-    synced = _barrier()
+    synced = barrier()
     if synced and opts.rank != 0:
         return (root / store.MANIFEST).is_file()
     markers = store.done_shards(root)
@@ -358,55 +347,3 @@ def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> 
 def _expected_shards(root: Path, job: dict, opts: BuildOptions) -> list[int]:
     """Shard numbers this job covers (its records, cut by shard size), from the count in build.json."""
     return list(range(job["first_shard"], job["first_shard"] + job.get("n_shards", 0)))
-
-
-def _rate_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:7.1f}/s")
-
-    return RateColumn()
-
-
-class _Progress:
-    """A rich progress bar with rate and ETA on stderr (nothing when disabled or not a terminal)."""
-
-    def __init__(self, total: int, unit: str, enabled: bool):
-        self.bar = None
-        if enabled and total:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn(f"embedding {unit}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                _rate_column(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self.task = self.bar.add_task("embed", total=total)
-            self.bar.start()
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def setup_distributed(rank: int, world_size: int) -> bool:
-    """Join torchrun's process group (gloo) when there is one; True when joined (barriers then sync ranks)."""
-    import torch.distributed as dist
-
-    if world_size < 2 or "MASTER_ADDR" not in os.environ or not dist.is_available():
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    return True

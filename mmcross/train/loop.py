@@ -1,0 +1,336 @@
+"""`fit`: the training loop, and the pieces it is made of (run set-up, one optimiser step, evaluate + checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
+from mmcross.data.records import Record, RejectLog
+from mmcross.dist import any_rank, setup_training, world
+from mmcross.features import ImageFeatures, TextFeatures
+from mmcross.losses import LossWeights, MatchingLoss
+from mmcross.model import Matcher
+from mmcross.progress import Progress
+from mmcross.train.optim import optimizer_and_schedule, set_trainable
+from mmcross.train.plan import BatchSource, MicroBatch, _mix
+from mmcross.train.state import CONFIG_FILE, LOG_FILE, STATE_JSON, load_state, save_state, truncate_log
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """What `fit` did."""
+
+    run_dir: Path
+    step: int  # optimiser steps done
+    seconds: float  # wall time of this call
+    best: float | None  # best dev rsum seen (re-ranked when evaluated with re-ranking)
+    eval: dict[str, Any] | None  # the last dev evaluation (`mmcross.evaluate.evaluate` output)
+    losses: list[dict[str, float]]  # every step's log entry from this call
+    matcher: Matcher | None = None  # the trained model (this process's copy)
+    stopped_by: str = "max_steps"  # "max_steps": the whole budget ran; "max_minutes": the safety stop fired first
+    loss_curve: Path | None = None  # loss.png in the run directory (`train_from_config`, rank 0)
+
+
+class TrainModule(nn.Module):
+    """Matcher + losses in one module, so DDP sees every forward and every parameter (the temperature included)."""
+
+    def __init__(self, matcher: Matcher, loss: MatchingLoss):
+        super().__init__()
+        self.matcher, self.loss = matcher, loss
+
+    def forward(
+        self,
+        pixels: torch.Tensor | None,
+        ids: torch.Tensor | None,
+        image: ImageFeatures | None = None,
+        text: TextFeatures | None = None,
+        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        known: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Losses of a batch; `pairs` = (image rows, caption token ids, labels): extra labelled ITM pairs; `known`
+        (B, B): True where caption j is one of image i's captions too (not a negative)."""
+        image = image if image is not None else self.matcher.encode_image(pixels)
+        text = text if text is not None else self.matcher.encode_text(ids)
+        pair_text = None
+        if pairs is not None and len(pairs[0]):
+            pair_text = (pairs[0], self.matcher.encode_text(pairs[1]), pairs[2])  # (rows, captions, labels)
+        return self.loss(self.matcher, image, text, pair_text, known)
+
+
+def read_records(path: str, fmt: str, split: str | None) -> list[Record]:
+    from mmcross.data.registry import open_dataset
+
+    records = [r for r in open_dataset(path, DataCfg(format=fmt, split=split)).records() if r.captions]
+    if not records:
+        raise ValueError(f"{path} has no images with captions in split {split!r}")
+    return records
+
+
+def check_cfg(cfg: TrainCfg) -> None:
+    """Refuse settings that cannot go together, before anything is built."""
+    if not cfg.data:
+        raise ValueError("no training data: set train.data in the run config or --set train.data=PATH")
+    if cfg.feature_cache and cfg.trainable != "fusion":
+        raise ValueError("train.feature_cache needs train.trainable=fusion (frozen encoders)")
+    if cfg.batch_size < 2:
+        raise ValueError("train.batch_size must be at least 2 (in-batch negatives)")
+    if not 0.0 <= cfg.itm_uniform_negatives <= 1.0:
+        raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
+    if cfg.dataset_negatives and cfg.feature_cache:
+        raise ValueError("train.dataset_negatives is not supported with train.feature_cache")
+
+
+def dataset_negatives(cfg: TrainCfg) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
+    """(image_id -> {caption: its hard negative}, image_id -> every caption true of it) for
+    `train.dataset_negatives` (a synth manifest), else two empty maps."""
+    if not cfg.dataset_negatives:
+        return {}, {}
+    from mmcross.data.synth import read_negatives, read_statements
+
+    # every true caption of each scene, so another image's "a red circle left of a blue square" is not drawn as a
+    # negative of a scene where it holds too (the ITC sampler prefers exactly such same-object scenes)
+    return read_negatives(cfg.data), read_statements(cfg.data)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds while it runs."""
+
+    cfg: TrainCfg
+    run_dir: Path
+    rank: int
+    size: int
+    device: torch.device
+    matcher: Matcher
+    loss: MatchingLoss
+    module: TrainModule  # matcher + loss
+    model: nn.Module  # `module`, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    start_time: float
+    step: int = 0
+    best: float | None = None
+    last_eval: dict[str, Any] | None = None
+    losses: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
+    """Open the process group, check and prepare the run directory, build (or reload) the model and optimiser."""
+    from mmcross.factory import LAST_CHECKPOINT, create_matcher, load_checkpoint
+
+    cfg = run.train
+    start_time = time.perf_counter()
+    rank, size, device = setup_training(cfg.device)
+    last_path = run_dir / LAST_CHECKPOINT
+    if resume and not (last_path.is_file() and (run_dir / STATE_JSON).is_file()):
+        raise FileNotFoundError(f"nothing to resume in {run_dir}: no {LAST_CHECKPOINT} with {STATE_JSON}")
+    if not resume and rank == 0 and (last_path.exists() or (run_dir / LOG_FILE).exists()):
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
+
+    torch.manual_seed(_mix(cfg.seed, 0, rank))
+    if resume:
+        matcher = load_checkpoint(last_path, device=device)
+    else:
+        matcher = create_matcher(run.model, pretrained=run.pretrained, device=device, overrides=run.matcher)
+    set_trainable(matcher, cfg.trainable, cfg.last_n_blocks)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    weights = LossWeights(cfg.itc_weight, cfg.itm_weight, cfg.vse_weight, cfg.vse_margin, cfg.itm_uniform_negatives)
+    loss = MatchingLoss(weights, cfg.init_temperature).to(device)
+    module = TrainModule(matcher, loss)
+    model: nn.Module = module
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            module,
+            device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=not (cfg.itc_weight and cfg.itm_weight),
+        )
+    optimizer, scheduler = optimizer_and_schedule(module, cfg)
+    state = Run(cfg, run_dir, rank, size, device, matcher, loss, module, model, optimizer, scheduler, start_time)
+    if resume:
+        doc = load_state(run_dir, optimizer, scheduler, loss, device)
+        state.step, state.best = doc["step"], doc.get("best")
+        truncate_log(run_dir / LOG_FILE, state.step)
+    return state
+
+
+def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -> dict[str, Any]:
+    """One optimiser step over `accum_steps` micro-batches; returns its log entry."""
+    cfg = r.cfg
+    torch.manual_seed(_mix(cfg.seed, r.step, r.rank, 3))  # dropout and hard negatives of this step
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r.device.type == "cuda" else nullcontext()
+    sums: dict[str, float] = {}
+    for a in range(cfg.accum_steps):
+        mb: MicroBatch = next(batches)
+        if mb.n < 2:
+            log.warning("skipping a micro-batch with %d usable images", mb.n)
+            continue
+        sync = r.size == 1 or a == cfg.accum_steps - 1
+        with nullcontext() if sync else r.model.no_sync(), autocast:
+            if isinstance(mb.images, ImageFeatures):
+                out = r.model(None, None, mb.images, mb.texts, known=mb.known)
+            else:
+                out = r.model(mb.images, mb.texts, pairs=mb.pairs, known=mb.known)
+        (out["loss"] / cfg.accum_steps).backward()
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
+        window["samples"] += mb.n * r.size
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(r.module.parameters(), cfg.grad_clip)
+    lr = r.optimizer.param_groups[0]["lr"]
+    r.optimizer.step()
+    r.scheduler.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.step += 1
+    now = time.perf_counter()
+    return {
+        "step": r.step,
+        "epoch": round(r.step * cfg.accum_steps / plan_per_epoch, 4),
+        **{k: round(v, 6) for k, v in sums.items()},
+        "lr": lr,
+        "temperature": round(float(1 / r.loss.itc.scale().detach()), 6),
+        "samples_per_s": round(window["samples"] / max(now - window["start"], 1e-9), 2),
+        "elapsed_s": round(now - r.start_time, 2),
+    }
+
+
+def evaluate_and_checkpoint(r: Run, eval_records: list[Record], log_file, final: bool) -> None:
+    """Dev evaluation (best.safetensors keeps the best) and last.safetensors + state, when their turn has come."""
+    from mmcross.evaluate import evaluate
+    from mmcross.factory import LAST_CHECKPOINT, save_checkpoint
+
+    cfg = r.cfg
+    if eval_records and ((cfg.eval_every and r.step % cfg.eval_every == 0) or final):
+        r.last_eval = evaluate(
+            r.matcher, eval_records, cfg.eval_rerank_k, batch_size=cfg.batch_size, workers=cfg.workers
+        )
+        key = "rerank_metrics" if r.last_eval["rerank_metrics"] else "metrics"
+        score = r.last_eval[key]["rsum"]
+        if r.best is None or score > r.best:
+            r.best = score
+            save_checkpoint(r.matcher, r.run_dir / "best.safetensors", {"step": str(r.step), "rsum": str(score)})
+        log_file.write(json.dumps({"step": r.step, "eval": r.last_eval}) + "\n")
+        log_file.flush()
+        r.module.train()
+    if (cfg.ckpt_every and r.step % cfg.ckpt_every == 0) or final:
+        if r.is_main:
+            save_checkpoint(r.matcher, r.run_dir / LAST_CHECKPOINT, {"step": str(r.step)})
+            save_state(r.run_dir, r.optimizer, r.scheduler, r.loss, {"step": r.step, "best": r.best})
+        if r.size > 1:
+            dist.barrier()
+
+
+def fit(
+    run: RunCfg,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train the matcher `run` describes and write the run directory (see `mmcross.train`).
+
+    Args:
+        run: model, weights, architecture overrides and `TrainCfg`.
+        run_dir: output folder; `mmcross eval --checkpoint RUN_DIR` then loads its best (else last) checkpoint.
+        resume: continue from `run_dir`'s last checkpoint (the same config is expected; steps already done are kept).
+        progress: show progress on stderr (rank 0): a bar on a terminal, a line every ~30 s otherwise.
+        on_step: called with each step's log entry (tests use it to stop a run).
+    """
+    cfg = run.train
+    check_cfg(cfg)
+    negative_of, also_true = dataset_negatives(cfg)
+    r = start_run(run, Path(run_dir), resume)
+    records = read_records(cfg.data, cfg.format, cfg.split)
+    eval_records: list[Record] = []
+    if cfg.eval_split and r.is_main:
+        eval_records = read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split)[: cfg.eval_max_images]
+    source = BatchSource(r.matcher, records, cfg, r.rank, r.size, negative_of, also_true)
+    if r.is_main and source.rejects:
+        RejectLog(r.run_dir).write(source.rejects)
+    batches = source.batches(r.step * cfg.accum_steps, (cfg.max_steps - r.step) * cfg.accum_steps)
+    bar = Progress(cfg.max_steps, "train", "steps", enabled=progress and r.is_main, done=r.step)
+    log_file = (r.run_dir / LOG_FILE).open("a") if r.is_main else None
+    window = {"samples": 0.0, "start": time.perf_counter()}
+    stopped_by = "max_steps"
+    r.module.train()
+    try:
+        while r.step < cfg.max_steps:
+            entry = train_step(r, batches, source.plan.per_epoch, window)
+            r.losses.append(entry)
+            bar.update(r.step, f"loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
+            if log_file and (r.step % max(cfg.log_every, 1) == 0 or r.step == cfg.max_steps):
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+                window = {"samples": 0.0, "start": time.perf_counter()}
+            elapsed_min = (time.perf_counter() - r.start_time) / 60
+            out_of_time = any_rank(cfg.max_minutes > 0 and elapsed_min >= cfg.max_minutes, r.device)
+            evaluate_and_checkpoint(r, eval_records, log_file, final=r.step == cfg.max_steps or out_of_time)
+            if on_step is not None:
+                on_step(entry)
+            if out_of_time:
+                stopped_by = "max_minutes"
+                log.warning("stopping at step %d: train.max_minutes=%s reached", r.step, cfg.max_minutes)
+                break
+        if log_file:
+            # what the run promised (max_steps) and what it did: a safety stop is never silent
+            done = {"step": r.step, "stopped_by": stopped_by, "max_steps": cfg.max_steps}
+            log_file.write(json.dumps({**done, "elapsed_s": round(time.perf_counter() - r.start_time, 2)}) + "\n")
+    finally:
+        if log_file:
+            log_file.close()
+        bar.close()
+    seconds = time.perf_counter() - r.start_time
+    return FitResult(r.run_dir, r.step, seconds, r.best, r.last_eval, r.losses, r.matcher, stopped_by)
+
+
+def train_from_config(
+    config: str | Path | None,
+    run_dir: str | Path,
+    overrides: dict[str, str] | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """`mmcross train`: defaults < YAML run config < `--set` overrides, then `fit`, then loss.png from its log."""
+    from mmcross.config import load_run_cfg
+
+    run = load_run_cfg(config, overrides)
+    if resume:
+        saved = Path(run_dir) / CONFIG_FILE
+        if saved.is_file() and config is None and not overrides:
+            from mmcross.config import from_dict
+
+            data = json.loads(saved.read_text())
+            run = from_dict(RunCfg, {**data, "train": TrainCfg(**data["train"])})
+    result = fit(run, run_dir, resume=resume, progress=progress)
+    if (result.run_dir / LOG_FILE).is_file() and world()[0] == 0:  # rank 0 wrote the log: its loss curve beside it
+        from mmcross.report.plots import loss_curve
+
+        result.loss_curve = loss_curve(result.run_dir / LOG_FILE)
+    return result
+
+
+__all__ = ["FitResult", "fit", "set_trainable", "train_from_config"]

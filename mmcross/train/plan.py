@@ -1,0 +1,361 @@
+"""The batch plan: which images and captions each micro-batch holds, and where its pixels come from.
+
+Micro-batch m is a fixed function of (seed, m, rank) (`EpochPlan`), so a resumed run takes exactly the batches the
+uninterrupted run would have. The pixels come from one of three sources (`BatchSource`): the feature cache (frozen
+encoders: encoder outputs computed once), the decoded-image cache (uint8 arrays decoded once, crops on tensors), or
+image files decoded at every step in DataLoader workers (a training set too large for the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmcross.config import DataCfg, TrainCfg
+from mmcross.data.decoded import DecodedImages, augment_batch, default_cache_dir
+from mmcross.data.loader import collate, load_item
+from mmcross.data.records import Record, Reject, caption_key
+from mmcross.dist import barrier
+from mmcross.encode import encode_records, encode_texts
+from mmcross.features import ImageFeatures, TextFeatures
+from mmcross.model import Matcher
+
+log = logging.getLogger(__name__)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes and runs)."""
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class EpochPlan:
+    """Which images and captions micro-batch m holds: a fixed function of (seed, epoch, position), so resumable.
+
+    An epoch shows every caption of every image once: it is R rounds (R = the most captions any image has), each a
+    fresh permutation of the images, and in round r image i carries its caption (o_i + r) mod n_i, o_i a random
+    offset drawn per epoch. So the images of one micro-batch are distinct (captions of one image are never one
+    another's negatives), and an image with fewer captions than R repeats some of them. A round drops the last
+    `n_images mod global batch` images of its permutation.
+
+    Args:
+        n_images: images in the training set.
+        caption_counts: captions per image.
+        batch: images per micro-batch per rank.
+        world_size: ranks; a global micro-batch holds `batch * world_size` distinct images.
+        seed: the run's seed.
+    """
+
+    def __init__(self, n_images: int, caption_counts: Sequence[int], batch: int, world_size: int, seed: int):
+        self.n, self.batch, self.world_size, self.seed = n_images, batch, world_size, seed
+        self.counts = torch.tensor(list(caption_counts)).clamp_min(1)
+        self.rounds = int(self.counts.max()) if n_images else 1
+        self.per_round = n_images // (batch * world_size)
+        if self.per_round < 1:
+            raise ValueError(f"{n_images} training images are fewer than one global batch ({batch * world_size})")
+        self.per_epoch = self.rounds * self.per_round
+        self._cached: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def _draw(self, what: str, key: tuple[int, ...], make) -> torch.Tensor:
+        cached = self._cached.get(what)
+        if cached is None or cached[0] != key:
+            cached = self._cached[what] = (key, make(torch.Generator().manual_seed(_mix(self.seed, *key))))
+        return cached[1]
+
+    def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
+        """(epoch, image indices, caption index per image) of global micro-batch `m` for `rank`."""
+        epoch, within = divmod(m, self.per_epoch)
+        round_, position = divmod(within, self.per_round)
+        offset = self._draw("offset", (epoch, 1), lambda g: torch.randint(0, 1 << 30, (self.n,), generator=g))
+        perm = self._draw("perm", (epoch, round_, 5), lambda g: torch.randperm(self.n, generator=g))
+        start = position * self.batch * self.world_size + rank * self.batch
+        images = perm[start : start + self.batch]
+        return epoch, images.tolist(), ((offset[images] + round_) % self.counts[images]).tolist()
+
+
+class PlannedImages(torch.utils.data.Dataset):
+    """Micro-batches `first, first + 1, ...` of an `EpochPlan` for one rank, decoded (in DataLoader workers)."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        plan: EpochPlan,
+        first: int,
+        count: int,
+        rank: int,
+        transform,
+        cfg: DataCfg,
+        draft_size: tuple[int, int] | None = None,
+    ):
+        self.records, self.plan, self.first, self.count, self.rank = records, plan, first, count, rank
+        self.transform, self.cfg = transform, cfg
+        self.draft_size = draft_size  # (W, H): JPEGs decode at the smallest DCT scale at least this large
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, b: int):
+        epoch, images, captions = self.plan.micro_batch(self.first + b, self.rank)
+        items = []
+        for image in images:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.plan.seed, epoch, image, 2))  # augmentation of this image this epoch
+                items.append(load_item(image, self.records[image], self.transform, self.cfg, self.draft_size))
+        return collate(items), dict(zip(images, captions))
+
+
+def known_matches(
+    records: Sequence[Record], captions: Sequence[str], also_true: dict[str, list[str]] | None = None
+) -> torch.Tensor:
+    """(B, B) bool: caption j (the one drawn for image j) is also true of image i: image j is image i (the same file
+    under two records), the caption is one of image i's own captions, or one of the other captions
+    `also_true[image_id]` lists as true of image i (a synth manifest's `statements`).
+
+    Captions compare by `caption_key` (case, spacing, final period ignored). Such pairs are no negatives in the losses.
+    """
+    also_true = also_true or {}
+    own = [{caption_key(c) for c in [*record.captions, *also_true.get(record.image_id, ())]} for record in records]
+    drawn = [caption_key(c) for c in captions]
+    where = [record.where for record in records]
+    return torch.tensor(
+        [[caption in mine or where[j] == where[i] for j, caption in enumerate(drawn)] for i, mine in enumerate(own)],
+        dtype=torch.bool,
+    )
+
+
+def dataset_pairs(matcher: Matcher, records: Sequence[Record], captions: Sequence[str], negative_of):
+    """Every caption of each image that has a swapped negative, and that negative, as labelled ITM pairs: the
+    binding signal, which the one drawn caption per image would give a third as often (one encoded image, 2n pairs).
+    """
+    labelled = [
+        (row, text, label)
+        for row, (r, drawn) in enumerate(zip(records, captions))
+        for caption, negative in negative_of.get(r.image_id, {}).items()
+        for text, label in ((caption, 1.0), (negative, 0.0))
+        if text != drawn  # the drawn caption is already the ITM's positive
+    ]
+    if not labelled:
+        return None
+    rows, texts, labels = zip(*labelled)
+    return torch.tensor(rows), matcher.tokenize(list(texts)), torch.tensor(labels)
+
+
+def normalisation(transform) -> tuple[list[float], list[float]]:
+    """(mean, std) of the `Normalize` step of an image transform (open_clip's preprocess)."""
+    from torchvision.transforms import Normalize
+
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, Normalize):
+            return list(step.mean), list(step.std)
+    raise ValueError("the image transform has no Normalize step")
+
+
+def streaming_transform(matcher: Matcher, cfg: TrainCfg):
+    """The PIL transform of the streaming path: open_clip's training transform with `augment_min_scale`."""
+    from torchvision.transforms import Compose, RandomResizedCrop
+
+    encoder = matcher.image_encoder
+    if not cfg.augment or encoder.preprocess_train is None:
+        return encoder.preprocess
+    steps = list(getattr(encoder.preprocess_train, "transforms", []))
+    if steps and isinstance(steps[0], RandomResizedCrop):
+        first = steps[0]
+        steps[0] = RandomResizedCrop(
+            first.size, scale=(cfg.augment_min_scale, 1.0), ratio=first.ratio, interpolation=first.interpolation
+        )
+        return Compose(steps)
+    return encoder.preprocess_train
+
+
+def decode_cache(
+    matcher: Matcher, records: Sequence[Record], cfg: TrainCfg, rank: int, size: int
+) -> DecodedImages | None:
+    """The decoded training images (built by rank 0 on first use), or None to stream (cache off or too large)."""
+    if cfg.decode_cache.lower() in ("none", "off", "") or cfg.feature_cache:
+        return None
+    h, w = matcher.image_encoder.image_size
+    side = max(h, w) if not cfg.augment else math.ceil(max(h, w) * 1.15 / 8) * 8  # a margin for the crops
+    if DecodedImages.nbytes(len(records), side) > cfg.decode_cache_max_gb * 2**30:
+        log.warning(
+            "the decoded training set would take %.1f GB > train.decode_cache_max_gb=%s; streaming from the files",
+            DecodedImages.nbytes(len(records), side) / 2**30,
+            cfg.decode_cache_max_gb,
+        )
+        return None
+    folder = default_cache_dir() if cfg.decode_cache.lower() == "auto" else Path(cfg.decode_cache)
+    kwargs = dict(dataset=cfg.data, split=cfg.split, cfg=DataCfg(format=cfg.format), workers=os.cpu_count() or 1)
+    if size > 1 and rank != 0:
+        barrier()  # rank 0 builds it
+    started = time.perf_counter()
+    decoded = DecodedImages.open_or_build(records, side, folder, **kwargs)
+    if size > 1 and rank == 0:
+        barrier()
+    if decoded.built:
+        log.info(
+            "decoded %d training images at %d px in %.1f s -> %s",
+            len(records),
+            side,
+            time.perf_counter() - started,
+            decoded.folder,
+        )
+    return decoded
+
+
+@dataclass
+class FeatureCache:
+    """Encoder outputs of every training image and caption (frozen encoders: encoded once, before training)."""
+
+    images: ImageFeatures  # encoder outputs of every training image (eval transform)
+    texts: TextFeatures  # every caption
+    first_caption: torch.Tensor  # (N,) index in `texts` of each image's first caption
+    captions: list[str]  # the captions of `texts`, in order
+    good: torch.Tensor  # (N,) bool, image decoded
+
+
+def build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: TrainCfg) -> FeatureCache:
+    """Encode every training image (eval transform) and caption once."""
+    try:
+        encoded = encode_records(matcher, records, batch_size=cfg.batch_size, workers=cfg.workers)
+    except ValueError:
+        raise ValueError("no training image could be decoded") from None
+    good = torch.zeros(len(records), dtype=torch.bool)
+    good[encoded.indices] = True
+    pooled = encoded.features.pooled.new_zeros(len(records), *encoded.features.pooled.shape[1:])
+    tokens = encoded.features.tokens.new_zeros(len(records), *encoded.features.tokens.shape[1:])
+    pooled[good], tokens[good] = encoded.features.pooled, encoded.features.tokens
+    device = matcher.device
+    captions = [c for r in records for c in r.captions]
+    texts = encode_texts(matcher, captions, batch_size=4 * cfg.batch_size).to(device)
+    counts = torch.tensor([len(r.captions) for r in records])
+    first = torch.cumsum(counts, 0) - counts
+    return FeatureCache(ImageFeatures(pooled, tokens).to(device), texts, first, captions, good)
+
+
+@dataclass
+class MicroBatch:
+    """What one micro-batch feeds the losses."""
+
+    images: torch.Tensor | ImageFeatures  # pixels (B, 3, H, W), or encoder outputs from the feature cache
+    texts: torch.Tensor | TextFeatures  # caption token ids (B, C), or encoder outputs from the feature cache
+    n: int  # pairs (images, each with one of its captions); < 2 is skipped
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # extra labelled ITM pairs (`dataset_pairs`)
+    known: torch.Tensor | None  # (B, B) bool, caption j is true of image i too (`known_matches`)
+
+
+class BatchSource:
+    """Micro-batches of an `EpochPlan` for one rank, from the feature cache, the decoded-image cache or the files.
+
+    Args:
+        matcher: the model (its transforms and tokenizer; the feature cache also runs its encoders once).
+        records: the training records (only those whose image decoded are kept; see `rejects`).
+        cfg: the training settings.
+        rank, size: this process and the number of processes.
+        negative_of: image_id -> {caption: its hard negative}, for `train.dataset_negatives`.
+        also_true: image_id -> other captions true of it, never drawn as its negatives.
+    """
+
+    def __init__(
+        self,
+        matcher: Matcher,
+        records: Sequence[Record],
+        cfg: TrainCfg,
+        rank: int,
+        size: int,
+        negative_of: dict[str, dict[str, str]],
+        also_true: dict[str, list[str]],
+    ):
+        self.matcher, self.cfg, self.rank = matcher, cfg, rank
+        self.negative_of, self.also_true = negative_of, also_true
+        self.rejects: list[Reject] = []
+        self.cache = build_feature_cache(matcher, records, cfg) if cfg.feature_cache else None
+        self.decoded = decode_cache(matcher, records, cfg, rank, size)
+        if self.decoded is not None:
+            self.rejects = self.decoded.rejects
+            self.decoded_rows = np.flatnonzero(self.decoded.ok)  # training records are the images that decoded
+            records = [records[i] for i in self.decoded_rows]
+            if not records:
+                raise ValueError(f"none of the training images of {cfg.data} could be decoded (see rejects.jsonl)")
+            self.mean, self.std = normalisation(matcher.image_encoder.preprocess)
+        self.records = records
+        self.plan = EpochPlan(len(records), [len(r.captions) for r in records], cfg.batch_size, size, cfg.seed)
+
+    def batches(self, first: int, count: int) -> Iterator[MicroBatch]:
+        """Global micro-batches first, first + 1, ... (`count` of them when streaming from files)."""
+        if self.cache is not None:
+            return self._cached(first)
+        if self.decoded is not None:
+            return self._decoded(first)
+        return self._streamed(first, count)
+
+    def _labelled(self, records: Sequence[Record], captions: list[str]):
+        pairs = dataset_pairs(self.matcher, records, captions, self.negative_of) if self.negative_of else None
+        return pairs, known_matches(records, captions, self.also_true)
+
+    def _cached(self, m: int) -> Iterator[MicroBatch]:
+        cache, records = self.cache, self.records
+        while True:
+            _, images, captions = self.plan.micro_batch(m, self.rank)
+            idx = torch.tensor(images)
+            idx = idx[cache.good[idx]]
+            cap = cache.first_caption[idx] + torch.tensor(
+                [captions[images.index(i)] for i in idx.tolist()], dtype=torch.long
+            )
+            dev = cache.images.pooled.device
+            rows = [records[i] for i in idx.tolist()]
+            drawn = [cache.captions[c] for c in cap.tolist()]
+            known = known_matches(rows, drawn, self.also_true).to(dev)
+            yield MicroBatch(cache.images.select(idx.to(dev)), cache.texts.select(cap), len(idx), None, known)
+            m += 1
+
+    def _decoded(self, m: int) -> Iterator[MicroBatch]:
+        cfg = self.cfg
+        h, w = self.matcher.image_encoder.image_size
+        while True:
+            _, images, caption_idx = self.plan.micro_batch(m, self.rank)
+            generator = torch.Generator().manual_seed(_mix(cfg.seed, m, self.rank, 4))  # this micro-batch's crops
+            pixels = augment_batch(
+                self.decoded.batch(self.decoded_rows[images]),
+                (h, w),
+                self.mean,
+                self.std,
+                min_scale=cfg.augment_min_scale if cfg.augment else None,
+                generator=generator,
+            )
+            rows = [self.records[i] for i in images]
+            captions = [r.captions[c] for r, c in zip(rows, caption_idx)]
+            yield MicroBatch(pixels, self.matcher.tokenize(captions), len(captions), *self._labelled(rows, captions))
+            m += 1
+
+    def _streamed(self, first: int, count: int) -> Iterator[MicroBatch]:
+        cfg = self.cfg
+        h, w = self.matcher.image_encoder.image_size
+        transform = streaming_transform(self.matcher, cfg)
+        dataset = PlannedImages(
+            self.records, self.plan, first, count, self.rank, transform, DataCfg(format=cfg.format), (w, h)
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=cfg.workers,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            persistent_workers=False,
+        )
+        for batch, caption_of in loader:
+            if batch.pixels is None:
+                yield MicroBatch(None, None, 0, None, None)
+                continue
+            captions = [r.captions[caption_of[i]] for i, r in zip(batch.indices, batch.records)]
+            yield MicroBatch(
+                batch.pixels, self.matcher.tokenize(captions), len(captions), *self._labelled(batch.records, captions)
+            )
