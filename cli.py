@@ -167,28 +167,18 @@ def data_validate(
     Prints images and captions per split, missing and unreadable files, duplicate ids, caption problems and
     lengths. Exits 0 unless --strict finds rejects or nothing at all could be read.
     """
+    from mmcross.config import tokenizer_architecture
     from mmcross.data.validate import format_report, validate
 
     with user_errors():
         cfg = _data_cfg(fmt, split, image_root, image_col, caption_col, max_pixels, background)
-        report = validate(dataset, cfg, model_name=_tokenizer_model(model), workers=workers, out_dir=out)
+        report = validate(dataset, cfg, model_name=tokenizer_architecture(model), workers=workers, out_dir=out)
     typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else format_report(report))
     if report.failed:
         typer.echo(f"error: {_nothing_read(report.images, split)}", err=True)
         raise typer.Exit(1)
     if strict and report.rejects:
         raise typer.Exit(1)
-
-
-def _tokenizer_model(name: str) -> str | None:
-    """open_clip architecture for a preset name (or an architecture name as given); None for 'none'."""
-    from mmcross.config import PRESET_DIR, load_matcher_cfg
-
-    if name.lower() == "none":
-        return None
-    if (PRESET_DIR / f"{name}.json").is_file():
-        return load_matcher_cfg(name).encoder.model_name
-    return name
 
 
 @data_app.command("convert")

@@ -279,3 +279,12 @@ def parse_set_options(items: list[str]) -> dict[str, str]:
             raise ValueError(f"--set expects key=value, got {item!r}")
         overrides[key.strip()] = value.strip()
     return overrides
+
+
+def tokenizer_architecture(name: str) -> str | None:
+    """The open_clip architecture whose tokenizer a preset uses (an architecture name is kept); None for "none"."""
+    if name.lower() == "none":
+        return None
+    if (PRESET_DIR / f"{name}.json").is_file():
+        return load_matcher_cfg(name).encoder.model_name
+    return name
