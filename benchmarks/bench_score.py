@@ -7,9 +7,9 @@ PNGs referenced over and over, captions varied) and reads that process's peak RS
 - `score.tiny.<n>.peak_mib`, `score.tiny.<n>.rows_per_s`: the real command, n = 1k and 10k rows (100k only with
   MMCROSS_BENCH_FULL=1: the tiny preset scores about 30 rows/s on 2 shared CPU cores, an hour for 100k).
 - `score.io.<n>.peak_mib`, `score.io.<n>.rows_per_s`: the same command in the same kind of process (model loaded),
-  with `Matcher.match` answering zeros: every row is still read, its image decoded and preprocessed, its caption
-  checked, and the row written with its scores; n = 10k and 100k rows. This is the part whose memory could grow
-  with the rows; the forward pass works on one batch at a time.
+  with the model's forward passes answering zeros: every row is still read, its image decoded and preprocessed, its
+  caption checked and tokenized, and the row written with its scores; n = 10k and 100k rows. This is the part whose
+  memory could grow with the rows; the forward pass works on one batch at a time.
 - `score.<kind>.growth_mib`: peak at the largest size minus peak at the smallest (about 0 when streaming).
 """
 
@@ -69,17 +69,26 @@ def score_args(pairs: Path, out: Path, io_only: bool) -> list[str]:
 
 
 def io_child(argv: list[str]) -> None:
-    """`mmcross <argv>` with `Matcher.match` answering zeros (the streaming I/O without the forward pass)."""
+    """`mmcross <argv>` with the model answering zeros (the streaming I/O without the forward passes): images are
+    still decoded and preprocessed, captions tokenized, rows written."""
     import torch
 
     from cli import app
+    from mmcross.features import ImageFeatures, TextFeatures
     from mmcross.model import Matcher, Scores
 
-    def zeros(self, pixels, text, *, return_attention=False) -> Scores:
-        z = torch.zeros(len(text))
+    def image_zeros(self, pixels):
+        return ImageFeatures(torch.zeros(len(pixels), 1), torch.zeros(len(pixels), 1, 1))
+
+    def text_zeros(self, text):
+        n = len(self.tokenize(text))
+        return TextFeatures(torch.zeros(n, 1), torch.zeros(n, 1, 1), torch.ones(n, 1, dtype=torch.bool))
+
+    def score_zeros(self, image, text, *, return_attention=False) -> Scores:
+        z = torch.zeros(max(len(image), len(text)))
         return Scores(z, z, z, z)
 
-    Matcher.match = zeros
+    Matcher.encode_image, Matcher.encode_text, Matcher.score_pairs = image_zeros, text_zeros, score_zeros
     app(argv, standalone_mode=True)
 
 

@@ -148,6 +148,10 @@ class RunCfg:
     matcher: dict[str, Any] = field(default_factory=dict)  # MatcherCfg overrides, e.g. {"fusion.dim": 64}
     train: TrainCfg = field(default_factory=TrainCfg)
 
+    def model_ref(self) -> ModelRef:
+        """The model this run trains, as every command names a model."""
+        return ModelRef(model=self.model, pretrained=self.pretrained, overrides=dict(self.matcher))
+
 
 def load_run_cfg(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> RunCfg:
     """Defaults < the YAML run config at `path` < `overrides` (`--set key=value`).

@@ -23,7 +23,7 @@ from mmcross.losses import LossWeights, MatchingLoss
 from mmcross.model import Matcher
 from mmcross.progress import Progress
 from mmcross.train.optim import optimizer_and_schedule, set_trainable
-from mmcross.train.plan import BatchSource, MicroBatch, _mix
+from mmcross.train.plan import BatchSource, MicroBatch, mix_seed
 from mmcross.train.state import CONFIG_FILE, LOG_FILE, STATE_JSON, load_state, save_state, truncate_log
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Run:
 
 def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
     """Open the process group, check and prepare the run directory, build (or reload) the model and optimiser."""
-    from mmcross.factory import LAST_CHECKPOINT, create_matcher, load_checkpoint
+    from mmcross.factory import LAST_CHECKPOINT, load_checkpoint, load_matcher
 
     cfg = run.train
     start_time = time.perf_counter()
@@ -147,11 +147,11 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
 
-    torch.manual_seed(_mix(cfg.seed, 0, rank))
+    torch.manual_seed(mix_seed(cfg.seed, 0, rank))
     if resume:
         matcher = load_checkpoint(last_path, device=device)
     else:
-        matcher = create_matcher(run.model, pretrained=run.pretrained, device=device, overrides=run.matcher)
+        matcher = load_matcher(run.model_ref(), device=device)
     set_trainable(matcher, cfg.trainable, cfg.last_n_blocks)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -179,7 +179,7 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
 def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -> dict[str, Any]:
     """One optimiser step over `accum_steps` micro-batches; returns its log entry."""
     cfg = r.cfg
-    torch.manual_seed(_mix(cfg.seed, r.step, r.rank, 3))  # dropout and hard negatives of this step
+    torch.manual_seed(mix_seed(cfg.seed, r.step, r.rank, 3))  # dropout and hard negatives of this step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r.device.type == "cuda" else nullcontext()
     sums: dict[str, float] = {}
     for a in range(cfg.accum_steps):

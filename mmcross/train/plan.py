@@ -31,7 +31,7 @@ from mmcross.model import Matcher
 log = logging.getLogger(__name__)
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (stable across processes and runs)."""
     h = 1469598103934665603
     for v in values:
@@ -69,7 +69,7 @@ class EpochPlan:
     def _draw(self, what: str, key: tuple[int, ...], make) -> torch.Tensor:
         cached = self._cached.get(what)
         if cached is None or cached[0] != key:
-            cached = self._cached[what] = (key, make(torch.Generator().manual_seed(_mix(self.seed, *key))))
+            cached = self._cached[what] = (key, make(torch.Generator().manual_seed(mix_seed(self.seed, *key))))
         return cached[1]
 
     def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
@@ -109,7 +109,7 @@ class PlannedImages(torch.utils.data.Dataset):
         items = []
         for image in images:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix(self.plan.seed, epoch, image, 2))  # augmentation of this image this epoch
+                torch.manual_seed(mix_seed(self.plan.seed, epoch, image, 2))  # augmentation of this image this epoch
                 items.append(load_item(image, self.records[image], self.transform, self.cfg, self.draft_size))
         return collate(items), dict(zip(images, captions))
 
@@ -322,7 +322,7 @@ class BatchSource:
         h, w = self.matcher.image_encoder.image_size
         while True:
             _, images, caption_idx = self.plan.micro_batch(m, self.rank)
-            generator = torch.Generator().manual_seed(_mix(cfg.seed, m, self.rank, 4))  # this micro-batch's crops
+            generator = torch.Generator().manual_seed(mix_seed(cfg.seed, m, self.rank, 4))  # this micro-batch's crops
             pixels = augment_batch(
                 self.decoded.batch(self.decoded_rows[images]),
                 (h, w),
