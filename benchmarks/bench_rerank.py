@@ -7,6 +7,9 @@ Three ways to get the image side, for each preset, fusion variant (and `text_to_
 - `tokens`: only the encoder's patch tokens are cached; the fusion's image side runs again for every query.
 - `recompute`: no cache; the image encoder runs on the k images for every query.
 
+`rerank_rule.<preset>.<variant>.<rule>.k100.cached_pairs_per_s`: the same cached re-rank of k=100 candidates under
+each attention score rule (`fusion.score_rule`: scaled_dot, additive, concat).
+
 Every call also encodes the one query caption. The cached tensors hold random values of the real shapes (building
 a real cache of 1000 ViT-B-32 images takes minutes on 2 CPU cores, and the cost does not depend on the values).
 Recomputing ViT-B-32 for k=1000 (about a minute and a half per call here) runs only with MMCROSS_BENCH_FULL=1;
@@ -36,6 +39,7 @@ VARIANTS = {  # name -> fusion overrides
     "text_to_image_pairs": {"fusion.variant": "text_to_image", "fusion.pair_readout": True},
 }
 KS = (10, 100, 1000)
+RULES = ("scaled_dot", "additive", "concat")
 QUERY = "a brown dog runs through the tall grass with a stick in its mouth"
 BATCH_SIZE = 256  # candidates per fusion call
 FULL = os.environ.get("MMCROSS_BENCH_FULL", "") not in ("", "0")
@@ -96,6 +100,15 @@ def run() -> dict[str, float | str]:
                     results[f"{name}.cached_speedup"] = (
                         results[f"{name}.cached_pairs_per_s"] / results[f"{name}.recompute_pairs_per_s"]
                     )
+    for preset in PRESETS:
+        for variant in ("joint", "text_to_image"):
+            for rule in RULES:
+                matcher = create_matcher(preset, overrides={"fusion.variant": variant, "fusion.score_rule": rule})
+                with torch.inference_mode():
+                    patches = matcher.encode_image(torch.randn(1, 3, *matcher.image_encoder.image_size)).tokens.shape[1]
+                    prepared = matcher.prepare(_random_cache(matcher, 100, patches))
+                seconds = _seconds(lambda c=prepared: matcher.rerank(QUERY, c, batch_size=BATCH_SIZE))
+                results[f"rerank_rule.{preset}.{variant}.{rule}.k100.cached_pairs_per_s"] = 100 / seconds
     if not FULL:
         results["rerank.skipped"] = "vit-b-32 recompute at k=1000 (set MMCROSS_BENCH_FULL=1)"
     return results

@@ -42,6 +42,8 @@ class FusionCfg:
     grid_positions: bool = False  # add fixed 2D sin-cos positions to the image tokens (needs a square patch grid)
     pair_readout: bool = False  # text_to_image: relation-network readout over ordered token pairs
     text_pool: str = "mean"  # how text states become one vector: "mean" over real tokens, or learned "attention"
+    score_rule: str = "scaled_dot"  # how every fusion attention layer scores a query against a key: "scaled_dot"
+    # (q.k / sqrt(Dh)), "additive" (v.tanh(q + k), Bahdanau) or "concat" (w.[q; k]); see fusion.CrossAttention
     seed: int = 0  # initialisation seed of the fusion block and match head (same config -> same weights)
 
 

@@ -111,7 +111,7 @@ def describe(cfg: MatcherCfg) -> str:
     f = cfg.fusion
     return (
         f"{cfg.name} ({cfg.encoder.model_name}, fusion {f.variant} dim {f.dim}, {f.self_layers} self + "
-        f"{f.cross_layers} cross layers, {f.heads}x{f.dim_head} heads)"
+        f"{f.cross_layers} cross layers, {f.heads}x{f.dim_head} heads, {f.score_rule} scores)"
     )
 
 

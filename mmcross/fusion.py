@@ -41,10 +41,25 @@ from torch import nn
 from mmcross.config import FusionCfg
 
 TEXT_POOLS = ("mean", "attention")
+SCORE_RULES = ("scaled_dot", "additive", "concat")
+ADDITIVE_CHUNK = 1 << 24  # elements of the (B, H, n, M, Dh) tanh input per chunk of queries (64 MiB in float32)
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention of `x` over `context` (CoCa form); pass `context=x` for self-attention.
+
+    How a query q and a key k (one head, width Dh) become a score, before the softmax over the keys (`score_rule`):
+
+    - `scaled_dot` (Transformer): q . k / sqrt(Dh). The fused SDPA kernel runs it unless the weights are wanted.
+    - `additive` (Bahdanau): v . tanh(q + k), v a learned (Dh,) vector per head; q and k are already the linear maps
+      W_q x and W_k c, so this is v . tanh(W [x; c]). It costs a (B, H, N, M, Dh) tensor per call.
+    - `concat` (concat-linear): w . [q; k] = w_q . q + w_k . k, one linear map of the concatenation. A score linear
+      in [q; k] is a query term plus a key term, and the softmax over the keys cancels the query term: every query
+      gets the same weights, softmax over the keys of w_k . k. It can learn which keys matter (a text-independent
+      saliency over the image patches), never which key matters to which query; w_q gets no gradient at all.
+
+    Every rule masks padded keys (they never get weight) and reads the same keys and values (`project_kv`), so a
+    cached `image_kv` of the text_to_image fusion serves all three.
 
     Args:
         dim: width of `x` and of the output.
@@ -52,18 +67,51 @@ class CrossAttention(nn.Module):
         heads: attention heads.
         dim_head: width of one head.
         dropout: dropout on the attention weights (training only).
+        score_rule: one of `SCORE_RULES`.
     """
 
     def __init__(
-        self, dim: int, *, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0
+        self,
+        dim: int,
+        *,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        score_rule: str = "scaled_dot",
     ):
         super().__init__()
+        if score_rule not in SCORE_RULES:
+            raise ValueError(f"unknown fusion.score_rule {score_rule!r}; known: {', '.join(SCORE_RULES)}")
         inner = heads * dim_head
-        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.heads, self.dim_head, self.dropout, self.score_rule = heads, dim_head, dropout, score_rule
         self.scale = dim_head**-0.5
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        # created after the shared layers, so those draw the same initial weights under every rule
+        if score_rule == "additive":
+            self.score_v = nn.Parameter(torch.randn(heads, dim_head) * dim_head**-0.5)  # (H, Dh)
+        elif score_rule == "concat":
+            self.score_q = nn.Parameter(torch.randn(heads, dim_head) * dim_head**-0.5)  # (H, Dh)
+            self.score_k = nn.Parameter(torch.randn(heads, dim_head) * dim_head**-0.5)  # (H, Dh)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Scores before the softmax: queries (B, H, N, Dh), keys (B, H, M, Dh) -> (B, H, N, M)."""
+        if self.score_rule == "scaled_dot":
+            return (q @ k.transpose(-2, -1)) * self.scale
+        if self.score_rule == "additive":
+            b, h, n, d = q.shape
+            v = self.score_v[None, :, None, None, :]  # (1, H, 1, 1, Dh)
+            step = max(1, ADDITIVE_CHUNK // max(b * h * k.shape[2] * d, 1))  # queries per chunk: bounds the memory
+            parts = [
+                (torch.tanh(q[:, :, i : i + step, None, :] + k[:, :, None, :, :]) * v).sum(-1)  # (B, H, n, M)
+                for i in range(0, n, step)
+            ]
+            return torch.cat(parts, dim=2)
+        query_term = (q * self.score_q[None, :, None, :]).sum(-1)  # (B, H, N)
+        key_term = (k * self.score_k[None, :, None, :]).sum(-1)  # (B, H, M)
+        return query_term[..., None] + key_term[..., None, :]
 
     def project_kv(self, context: torch.Tensor) -> torch.Tensor:
         """Keys and values of a context, stacked: (B, M, Dc) -> (B, 2, H, M, Dh). Cacheable per context."""
@@ -85,7 +133,8 @@ class CrossAttention(nn.Module):
             x: queries (B, N, D).
             kv: keys and values (B, 2, H, M, Dh); a batch of 1 is broadcast over B.
             context_mask: (B, M) bool, True at positions that may be attended to; None = all.
-            need_weights: also return the attention weights (B, H, N, M), computed explicitly.
+            need_weights: also return the attention weights (B, H, N, M), computed explicitly (scaled_dot otherwise
+                runs the fused kernel; the other rules are always explicit).
 
         Returns:
             The output (B, N, D) and the weights (or None).
@@ -97,12 +146,13 @@ class CrossAttention(nn.Module):
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, M)
         p = self.dropout if self.training else 0.0
-        if need_weights:
-            logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, M)
+        if need_weights or self.score_rule != "scaled_dot":
+            logits = self.scores(q, k)  # (B, H, N, M)
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             weights = logits.softmax(dim=-1)  # (B, H, N, M)
             out = F.dropout(weights, p=p, training=self.training) @ v  # (B, H, N, Dh)
+            weights = weights if need_weights else None
         else:
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, N, Dh)
@@ -132,18 +182,28 @@ class FusionBlock(nn.Module):
         mlp_ratio: feed-forward width as a multiple of D.
         dropout: dropout on attention weights and residual branches.
         cross: add a cross-attention sub-layer (queries from `x`, keys/values from a context of width D).
+        score_rule: how both attention sub-layers score a query against a key (`CrossAttention`).
     """
 
     def __init__(
-        self, dim: int, *, heads: int, dim_head: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross: bool = False
+        self,
+        dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        cross: bool = False,
+        score_rule: str = "scaled_dot",
     ):
         super().__init__()
+        attention = dict(heads=heads, dim_head=dim_head, dropout=dropout, score_rule=score_rule)
         self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.self_attn = CrossAttention(dim, **attention)
         if cross:
             self.norm_cross = nn.LayerNorm(dim)
             self.norm_context = nn.LayerNorm(dim)
-            self.cross_attn = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+            self.cross_attn = CrossAttention(dim, **attention)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
@@ -311,7 +371,13 @@ class Fusion(nn.Module):
     @staticmethod
     def _block(cfg: FusionCfg, cross: bool = False) -> FusionBlock:
         return FusionBlock(
-            cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, cross=cross
+            cfg.dim,
+            heads=cfg.heads,
+            dim_head=cfg.dim_head,
+            mlp_ratio=cfg.mlp_ratio,
+            dropout=cfg.dropout,
+            cross=cross,
+            score_rule=cfg.score_rule,
         )
 
     def _build_cross(self, cfg: FusionCfg) -> None:
