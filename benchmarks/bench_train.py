@@ -1,16 +1,17 @@
 """`make bench-train`: mmcross's trainer against open_clip's own (`open_clip_train`) on the same tower, data and wall.
 
 Both train the `rn-small` architecture (open_clip config `mmcross-rn-small`, registered for the peer with
-`open_clip.add_model_config`) from random initialisation on the Flickr8k train split, batch 128, the same peak
-learning rate, weight decay and warm-up share, for the same wall budget (default 15 minutes each; `--full` for 60).
-Each schedule is sized to the budget from that trainer's own throughput, measured first in a short probe run, so
-both finish their cosine inside the budget:
+`open_clip.add_model_config`) from random initialisation on the Flickr8k train split for the same wall budget
+(default 15 minutes each; `--full` for 60), each with its own recipe and the same warm-up share. Each schedule is
+sized to the budget from that trainer's own throughput, measured first in a short probe run, so both finish their
+cosine inside the budget:
 
-- mmcross: `mmcross train --config configs/flickr8k-scratch.yaml` with `train.max_steps` = budget x its samples/s;
-  ITC + ITM as in the config; the decoded-image cache is built by the probe (its time is reported apart).
-- open_clip_train: InfoNCE, its CSV loader (pandas; `pip install -e '.[peers]'`) over a CSV with every caption of
-  every image, shuffled and repeated to budget x its samples/s rows, one epoch, one decoding worker (the other core
-  goes to its torch threads), its default augmentation.
+- mmcross: `mmcross train --config configs/flickr8k-scratch.yaml` (its batch, captions per image, learning rate,
+  losses) with `train.max_steps` = budget x its samples/s; the decoded-image cache is built by the probe (its time
+  is reported apart).
+- open_clip_train: InfoNCE, batch 128, lr 1e-3, weight decay 0.1, its CSV loader (pandas; `pip install -e
+  '.[peers]'`) over a CSV with every caption of every image, shuffled and repeated to budget x its samples/s rows,
+  one epoch, one decoding worker (the other core goes to its torch threads), its default augmentation.
 
 Both checkpoints are then evaluated by `mmcross eval` on the 1,000 dev images (the peer's, converted to
 safetensors, through `--pretrained`, dual encoder only: it has no match head). Output: one JSON file.
@@ -98,17 +99,22 @@ def _peer_rate(log: Path) -> float:
     return float(rates[-1])
 
 
+def _ours_batch() -> int:
+    """Rows (image, caption pairs) per step of our recipe, as the run config sets them."""
+    from mmcross.config import load_run_cfg
+
+    return load_run_cfg(CONFIG).train.batch_size
+
+
 def _ours(out: Path, steps: int, minutes: float, eval_split: str = "null") -> list[str]:
-    sets = {
+    sets = {  # our recipe as the config has it (batch, captions per image, lr, losses); only the budget is set here
         "train.max_steps": steps,
         "train.warmup_steps": max(1, round(WARMUP_SHARE * steps)),
         "train.max_minutes": minutes,
         "train.eval_split": eval_split,
+        "train.eval_every": 0,
         "train.ckpt_every": 0,
         "train.log_every": 5,
-        "train.batch_size": BATCH,
-        "train.lr": LR,
-        "train.weight_decay": WD,
         "train.seed": SEED,
         "train.data": str(FLICKR8K),
     }
@@ -164,7 +170,9 @@ def main() -> None:
         sys.exit("bench-train needs pandas for open_clip_train's CSV loader: pip install -e '.[peers]'")
     pairs = _pairs()
     budget_s = minutes * 60
-    result: dict = {"budget_minutes": minutes, "batch": BATCH, "lr": LR, "weight_decay": WD, "train_pairs": len(pairs)}
+    result: dict = {"budget_minutes": minutes, "train_pairs": len(pairs)}
+    result["peer_recipe"] = {"batch": BATCH, "lr": LR, "weight_decay": WD, "warmup_share": WARMUP_SHARE}
+    result["mmcross_recipe"] = {"config": str(CONFIG.relative_to(ROOT)), "rows_per_step": _ours_batch()}
     result["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     # throughput probes (the mmcross one also builds the decoded-image cache, timed apart)
@@ -182,7 +190,7 @@ def main() -> None:
 
     # the budgeted runs: each schedule sized to 90 % of what the probe says fits (measured: at 95 %, 346 of 366 steps
     # fitted in 15 minutes and the peer took 17.4; a 20-step probe overstates the steady rate)
-    ours_steps = max(PROBE_STEPS, int(0.9 * budget_s * ours_rate / BATCH))
+    ours_steps = max(PROBE_STEPS, int(0.9 * budget_s * ours_rate / _ours_batch()))
     wall = _run(_ours(work / "mmcross", ours_steps, minutes), work / "mmcross.log")
     done = _log_lines(work / "mmcross")[-1]
     result["mmcross"] = {

@@ -114,7 +114,9 @@ class TrainCfg:
     decode_cache: str = "auto"  # where decoded training images are kept ("auto": $MMCROSS_CACHE/decoded, else
     # ~/.cache/mmcross/decoded; "none": decode every image at every step); see `mmcross.data.decoded`
     decode_cache_max_gb: float = 8.0  # a training set whose decoded array would be larger streams from its files
-    batch_size: int = 64  # images per micro-batch per process (one caption each; an epoch shows every caption)
+    batch_size: int = 64  # (image, caption) rows per micro-batch per process (an epoch shows every caption)
+    captions_per_image: int = 1  # captions of one image in a micro-batch (consecutive rows; the image tower runs
+    # once for them and they are never one another's negatives): batch_size / captions_per_image distinct images
     accum_steps: int = 1  # micro-batches per optimiser step (effective batch = batch_size * accum_steps * world)
     max_steps: int = 1000  # optimiser steps; the cosine schedule ends here
     max_minutes: float = 0.0  # stop (and checkpoint, evaluate) after this much wall time; 0 = no limit
@@ -127,6 +129,9 @@ class TrainCfg:
     itc_weight: float = 1.0  # weight of the InfoNCE image-text contrastive loss
     itm_weight: float = 1.0  # weight of the ITM loss (BCE on positives + ITC-sampled hard negatives)
     itm_uniform_negatives: float = 0.0  # share of ITM negatives drawn uniformly from the batch instead (easy ones)
+    itm_detach: bool = False  # ITM trains the fusion and head only; the encoders learn from ITC (and VSE) alone
+    itm_rank_weight: float = 0.0  # ITM also ranks: softplus(negative - positive logit) per drawn negative and its
+    # anchor, the order re-ranking needs (`mmcross.losses.itm_loss`)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off
     dataset_negatives: bool = False  # ITM also on every caption of each image and its own hard negative (the
     # `negatives` column of a JSONL manifest, e.g. `mmcross data synth`'s attribute-swapped captions)

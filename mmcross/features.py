@@ -51,6 +51,11 @@ class _Features:
     def __len__(self) -> int:
         return self.pooled.shape[0]
 
+    def detached(self):
+        """A copy whose tensors are cut from the autograd graph (no gradient flows back through them)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{name: None if t is None else t.detach() for name, t in values.items()})
+
 
 @dataclass
 class ImageFeatures(_Features):

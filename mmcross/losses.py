@@ -129,8 +129,13 @@ def itm_loss(
     pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
     known: torch.Tensor | None = None,
     uniform: float = 0.0,
+    rank_weight: float = 0.0,
 ) -> torch.Tensor:
-    """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`).
+    """BCE of the match head on B positives and 2B hard negatives (see `sample_hard_negatives`), plus
+    `rank_weight` x a pairwise ranking term: softplus(negative logit - its anchor's positive logit), averaged, for
+    each drawn negative (an image's negative caption against that image's own caption; a caption's negative image
+    against its own image). Re-ranking orders one query's candidates: the BCE also spends itself on how matchable a
+    caption or an image is in general, which changes no order; the ranking term is only the order (RankNet).
 
     Args:
         matcher: a `mmcross.model.Matcher` (its `score_pairs` runs fusion + head on aligned pairs).
@@ -143,6 +148,7 @@ def itm_loss(
             as a negative; both enter the same BCE.
         known: (B, B) bool, True where caption j also describes image i: never drawn as a negative.
         uniform: share of negatives drawn uniformly rather than by similarity (`sample_hard_negatives`).
+        rank_weight: weight of the pairwise ranking term (0 = BCE only).
     """
     b = similarity.shape[0]
     if b < 2:
@@ -153,14 +159,22 @@ def itm_loss(
     # positives, image + negative caption, negative image + caption
     image_idx = torch.cat([rows, rows[has_text], neg_image[has_image]])
     text_idx = torch.cat([rows, neg_text[has_text], rows[has_image]])
+    # the per-image and per-caption fusion work (self-attention, image keys/values) once per item, not per pair:
+    # every item appears in about three pairs
+    image, text = matcher.prepare(image), matcher.prepare(text)
     logits = matcher.score_pairs(image.select(image_idx), text.select(text_idx)).itm_logit.float()
     labels = torch.cat([torch.ones(b), torch.zeros(len(image_idx) - b)]).to(logits.device)
+    rank = None
+    if rank_weight:
+        anchors = torch.cat([rows[has_text], rows[has_image]])  # (2B,) the positive pair of each negative's anchor
+        rank = F.softplus(logits[b:] - logits[anchors]).mean()
     if pairs is not None and len(pairs[0]):
-        rows, pair_text, pair_labels = pairs
-        extra = matcher.score_pairs(image.select(rows), pair_text).itm_logit
+        pair_rows, pair_text, pair_labels = pairs
+        extra = matcher.score_pairs(image.select(pair_rows), pair_text).itm_logit
         logits = torch.cat([logits, extra.float()])
         labels = torch.cat([labels, pair_labels.to(labels)])
-    return F.binary_cross_entropy_with_logits(logits, labels)
+    bce = F.binary_cross_entropy_with_logits(logits, labels)
+    return bce if rank is None else bce + rank_weight * rank
 
 
 def vse_max_violation(
@@ -187,6 +201,8 @@ class LossWeights:
     vse: float = 0.0  # VSE++ max-violation
     vse_margin: float = 0.2  # VSE++ margin
     itm_uniform: float = 0.0  # share of ITM negatives drawn uniformly instead of by ITC similarity
+    itm_detach: bool = False  # ITM trains the fusion and head only: the encoders get no gradient from it
+    itm_rank: float = 0.0  # weight of the ITM's pairwise ranking term (`itm_loss`)
 
 
 class MatchingLoss(nn.Module):
@@ -216,7 +232,11 @@ class MatchingLoss(nn.Module):
             terms["itc"] = self.itc(image_emb, text_emb, known)
         if w.itm:
             similarity = self.itc.scale().detach() * image_emb @ text_emb.T
-            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs, known, w.itm_uniform)
+            if w.itm_detach:
+                image, text = image.detached(), text.detached()
+                if pairs is not None:
+                    pairs = (pairs[0], pairs[1].detached(), pairs[2])
+            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs, known, w.itm_uniform, w.itm_rank)
         if w.vse:
             terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin, known)
         total = sum(getattr(w, name) * value for name, value in terms.items())

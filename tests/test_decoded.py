@@ -113,6 +113,50 @@ def test_fewer_captions_repeat_and_every_one_is_seen():
     assert {i: len(c) for i, c in seen.items()} == {0: 1, 1: 2, 2: 3, 3: 3, 4: 2, 5: 1}
 
 
+def test_several_captions_per_image_share_a_batch_and_an_epoch_still_shows_each_once():
+    plan = EpochPlan(8, [5] * 8, batch=6, world_size=1, seed=3, captions_per_image=3)
+    assert plan.rounds == 2 and plan.per_round == 4  # ceil(5 / 3) rounds of 8 // 2 batches of 2 images
+    seen = []
+    for m in range(plan.per_epoch):
+        _, images, captions = plan.micro_batch(m, 0)
+        assert len(images) == 6 and len(set(images)) == 2
+        assert images[0] == images[1] == images[2] and images[3] == images[4] == images[5]  # consecutive rows
+        assert len(set(captions[:3])) == 3  # three different captions of the first image
+        seen += list(zip(images, captions))
+    # 2 rounds x 3 captions = 6 per image: all 5 captions, one of them twice
+    assert sorted(set(seen)) == [(i, c) for i in range(8) for c in range(5)] and len(seen) == 8 * 6
+    with pytest.raises(ValueError, match="multiple of train.captions_per_image"):
+        EpochPlan(8, [5] * 8, batch=5, world_size=1, seed=0, captions_per_image=2)
+
+
+def test_one_tower_pass_per_image_gives_the_losses_of_repeated_images(tmp_path):
+    """Rows sharing an image (`image_rows`) score as if the image had been encoded once per row."""
+    from mmcross.factory import create_matcher
+    from mmcross.losses import LossWeights, MatchingLoss
+    from mmcross.train.loop import TrainModule
+
+    torch.manual_seed(0)
+    matcher = create_matcher("tiny", overrides={"fusion.dim": "32", "fusion.dim_head": "8"})
+    module = TrainModule(matcher, MatchingLoss(LossWeights(1.0, 1.0, 0.5, 0.2, 0.5))).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    ids = matcher.tokenize(["a dog", "a brown dog", "a cat", "two cats", "a red bar", "one bar"])
+    known = rows[:, None] == rows[None, :]
+    torch.manual_seed(1)
+    shared = module(pixels, ids, known=known, image_rows=rows)
+    torch.manual_seed(1)
+    repeated = module(pixels[rows], ids, known=known)
+    for key in ("loss", "itc", "itm", "vse"):
+        assert float(shared[key].detach()) == pytest.approx(float(repeated[key].detach()), rel=1e-5, abs=1e-6), key
+
+
+def test_training_with_several_captions_per_image(tmp_path):
+    manifest = make_shapes(tmp_path / "shapes", n_train=12, n_dev=2)  # 1 to 3 captions per image
+    result = fit(_cfg(manifest, captions_per_image="2"), tmp_path / "run", progress=False)
+    assert result.step == 3 and all(np.isfinite(e["loss"]) for e in result.losses)
+    assert result.losses[0]["epoch"] == pytest.approx(1 / 12, abs=1e-4)  # 2 rounds of 6 batches of 2 images x 2
+
+
 def test_the_same_image_is_never_a_negative():
     a = Record("a.jpg", ["a dog"], path=Path("/x/a.jpg"))
     again = Record("a.jpg#2", ["a brown dog runs"], path=Path("/x/a.jpg"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -114,3 +115,45 @@ def test_uniform_share_of_negatives_reaches_the_easy_ones():
     image0 = [int(m[0]) for m in mixed]
     assert set(image0) == {1, 2, 3} and 0.55 < image0.count(1) / 600 < 0.78  # expected 0.5 + 0.5 / 3
     assert all(int(m[2]) not in (2, 3) for m in mixed)  # image 2: never itself, never its known caption 3
+
+
+class _FakeMatcher:
+    """Scores a pair by a fixed table: logit = table[image id, caption id] (ids carried in `pooled[:, 0]`)."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def prepare(self, features):
+        return features
+
+    def score_pairs(self, image, text):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(itm_logit=self.table[image.pooled[:, 0].long(), text.pooled[:, 0].long()])
+
+
+def test_itm_ranking_term_matches_a_naive_loop():
+    from mmcross.features import ImageFeatures, TextFeatures
+    from mmcross.losses import itm_loss
+
+    torch.manual_seed(0)
+    b = 5
+    table = torch.randn(b, b)
+    ids = torch.arange(b, dtype=torch.float32)[:, None]
+    image = ImageFeatures(ids, torch.zeros(b, 1, 1))
+    text = TextFeatures(ids, torch.zeros(b, 1, 1), torch.ones(b, 1, dtype=torch.bool))
+    similarity = torch.randn(b, b)
+    torch.manual_seed(1)
+    plain = itm_loss(_FakeMatcher(table), image, text, similarity)
+    torch.manual_seed(1)
+    ranked = itm_loss(_FakeMatcher(table), image, text, similarity, rank_weight=0.5)
+    torch.manual_seed(1)
+    neg_text, neg_image = sample_hard_negatives(similarity)
+    bce = [F.softplus(-table[i, i]) for i in range(b)]
+    bce += [F.softplus(table[i, neg_text[i]]) for i in range(b)] + [
+        F.softplus(table[neg_image[j], j]) for j in range(b)
+    ]
+    rank = [F.softplus(table[i, neg_text[i]] - table[i, i]) for i in range(b)]
+    rank += [F.softplus(table[neg_image[j], j] - table[j, j]) for j in range(b)]
+    assert float(plain) == pytest.approx(float(sum(bce) / len(bce)), rel=1e-5)
+    assert float(ranked) == pytest.approx(float(sum(bce) / len(bce) + 0.5 * sum(rank) / len(rank)), rel=1e-5)

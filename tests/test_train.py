@@ -47,9 +47,10 @@ def test_short_run_lowers_the_loss(shapes, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.safetensors") is not None
 
 
-@pytest.mark.parametrize("augment", [False, True])  # True: random crops on the decoded-image cache
-def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path, augment):
-    cfg = _run(shapes, ckpt_every=2, augment=augment)
+# augment: random crops on the decoded-image cache; per_image: captions of one image per batch (one tower pass)
+@pytest.mark.parametrize(("augment", "per_image"), [(False, 1), (True, 1), (True, 2)])
+def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path, augment, per_image):
+    cfg = _run(shapes, ckpt_every=2, augment=augment, captions_per_image=per_image)
     full = fit(cfg, tmp_path / "full", progress=False)
 
     class Killed(Exception):

@@ -59,10 +59,14 @@ class TrainModule(nn.Module):
         text: TextFeatures | None = None,
         pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         known: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses of a batch; `pairs` = (image rows, caption token ids, labels): extra labelled ITM pairs; `known`
-        (B, B): True where caption j is one of image i's captions too (not a negative)."""
+        (B, B): True where caption j is one of image i's captions too (not a negative); `image_rows` (B,): which
+        image of `pixels` each caption row belongs to (None: one image per row)."""
         image = image if image is not None else self.matcher.encode_image(pixels)
+        if image_rows is not None:
+            image = image.select(image_rows)  # (B, ...) one row per caption; the tower ran once per image
         text = text if text is not None else self.matcher.encode_text(ids)
         pair_text = None
         if pairs is not None and len(pairs[0]):
@@ -155,7 +159,15 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
     set_trainable(matcher, cfg.trainable, cfg.last_n_blocks)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    weights = LossWeights(cfg.itc_weight, cfg.itm_weight, cfg.vse_weight, cfg.vse_margin, cfg.itm_uniform_negatives)
+    weights = LossWeights(
+        cfg.itc_weight,
+        cfg.itm_weight,
+        cfg.vse_weight,
+        cfg.vse_margin,
+        cfg.itm_uniform_negatives,
+        cfg.itm_detach,
+        cfg.itm_rank_weight,
+    )
     loss = MatchingLoss(weights, cfg.init_temperature).to(device)
     module = TrainModule(matcher, loss)
     model: nn.Module = module
@@ -192,7 +204,7 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
             if isinstance(mb.images, ImageFeatures):
                 out = r.model(None, None, mb.images, mb.texts, known=mb.known)
             else:
-                out = r.model(mb.images, mb.texts, pairs=mb.pairs, known=mb.known)
+                out = r.model(mb.images, mb.texts, pairs=mb.pairs, known=mb.known, image_rows=mb.image_rows)
         (out["loss"] / cfg.accum_steps).backward()
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.accum_steps

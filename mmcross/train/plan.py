@@ -42,27 +42,45 @@ def mix_seed(*values: int) -> int:
 class EpochPlan:
     """Which images and captions micro-batch m holds: a fixed function of (seed, epoch, position), so resumable.
 
-    An epoch shows every caption of every image once: it is R rounds (R = the most captions any image has), each a
-    fresh permutation of the images, and in round r image i carries its caption (o_i + r) mod n_i, o_i a random
-    offset drawn per epoch. So the images of one micro-batch are distinct (captions of one image are never one
-    another's negatives), and an image with fewer captions than R repeats some of them. A round drops the last
-    `n_images mod global batch` images of its permutation.
+    A micro-batch is `batch` (image, caption) rows: `batch / C` distinct images, each with C of its captions in
+    consecutive rows (C = `captions_per_image`). An epoch shows every caption of every image once: it is
+    ceil(R / C) rounds (R = the most captions any image has), each a fresh permutation of the images, and in round r
+    image i carries its captions (o_i + r C + c) mod n_i, c = 0..C-1, o_i a random offset drawn per epoch. An image
+    with fewer captions than R repeats some of them. A round drops the last `n_images mod global batch` images of
+    its permutation. The losses treat rows of the same image as known matches, never as negatives.
 
     Args:
         n_images: images in the training set.
         caption_counts: captions per image.
-        batch: images per micro-batch per rank.
-        world_size: ranks; a global micro-batch holds `batch * world_size` distinct images.
+        batch: rows (image, caption pairs) per micro-batch per rank; a multiple of `captions_per_image`.
+        world_size: ranks; a global micro-batch holds `batch * world_size / C` distinct images.
         seed: the run's seed.
+        captions_per_image: C; above 1, the image tower runs once for C captions (`MicroBatch.image_rows`).
     """
 
-    def __init__(self, n_images: int, caption_counts: Sequence[int], batch: int, world_size: int, seed: int):
+    def __init__(
+        self,
+        n_images: int,
+        caption_counts: Sequence[int],
+        batch: int,
+        world_size: int,
+        seed: int,
+        captions_per_image: int = 1,
+    ):
+        if captions_per_image < 1 or batch % captions_per_image:
+            raise ValueError(
+                f"train.batch_size ({batch}) must be a multiple of train.captions_per_image ({captions_per_image})"
+            )
         self.n, self.batch, self.world_size, self.seed = n_images, batch, world_size, seed
+        self.per_image = captions_per_image
+        self.images_per_batch = batch // captions_per_image
         self.counts = torch.tensor(list(caption_counts)).clamp_min(1)
-        self.rounds = int(self.counts.max()) if n_images else 1
-        self.per_round = n_images // (batch * world_size)
+        self.rounds = math.ceil(int(self.counts.max()) / captions_per_image) if n_images else 1
+        self.per_round = n_images // (self.images_per_batch * world_size)
         if self.per_round < 1:
-            raise ValueError(f"{n_images} training images are fewer than one global batch ({batch * world_size})")
+            raise ValueError(
+                f"{n_images} training images are fewer than one global batch ({self.images_per_batch * world_size})"
+            )
         self.per_epoch = self.rounds * self.per_round
         self._cached: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
@@ -73,14 +91,26 @@ class EpochPlan:
         return cached[1]
 
     def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
-        """(epoch, image indices, caption index per image) of global micro-batch `m` for `rank`."""
+        """(epoch, image index per row, caption index per row) of global micro-batch `m` for `rank`."""
         epoch, within = divmod(m, self.per_epoch)
         round_, position = divmod(within, self.per_round)
         offset = self._draw("offset", (epoch, 1), lambda g: torch.randint(0, 1 << 30, (self.n,), generator=g))
         perm = self._draw("perm", (epoch, round_, 5), lambda g: torch.randperm(self.n, generator=g))
-        start = position * self.batch * self.world_size + rank * self.batch
-        images = perm[start : start + self.batch]
-        return epoch, images.tolist(), ((offset[images] + round_) % self.counts[images]).tolist()
+        per_rank = self.images_per_batch
+        start = position * per_rank * self.world_size + rank * per_rank
+        images = perm[start : start + per_rank]  # (I,)
+        first = offset[images] + round_ * self.per_image  # (I,)
+        captions = (first[:, None] + torch.arange(self.per_image)) % self.counts[images][:, None]  # (I, C)
+        return epoch, images.repeat_interleave(self.per_image).tolist(), captions.flatten().tolist()
+
+
+def distinct_images(images: Sequence[int]) -> tuple[list[int], torch.Tensor | None]:
+    """(each distinct image once, in row order; which of them each row is), or (images, None) when all differ."""
+    distinct = list(dict.fromkeys(images))
+    if len(distinct) == len(images):
+        return list(images), None
+    where = {image: k for k, image in enumerate(distinct)}
+    return distinct, torch.tensor([where[image] for image in images])
 
 
 class PlannedImages(torch.utils.data.Dataset):
@@ -107,11 +137,11 @@ class PlannedImages(torch.utils.data.Dataset):
     def __getitem__(self, b: int):
         epoch, images, captions = self.plan.micro_batch(self.first + b, self.rank)
         items = []
-        for image in images:
+        for image in dict.fromkeys(images):  # each distinct image once, in row order
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(mix_seed(self.plan.seed, epoch, image, 2))  # augmentation of this image this epoch
                 items.append(load_item(image, self.records[image], self.transform, self.cfg, self.draft_size))
-        return collate(items), dict(zip(images, captions))
+        return collate(items), list(zip(images, captions))
 
 
 def known_matches(
@@ -245,11 +275,12 @@ def build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: TrainC
 class MicroBatch:
     """What one micro-batch feeds the losses."""
 
-    images: torch.Tensor | ImageFeatures  # pixels (B, 3, H, W), or encoder outputs from the feature cache
+    images: torch.Tensor | ImageFeatures  # pixels (I, 3, H, W), or encoder outputs from the feature cache
     texts: torch.Tensor | TextFeatures  # caption token ids (B, C), or encoder outputs from the feature cache
-    n: int  # pairs (images, each with one of its captions); < 2 is skipped
+    n: int  # rows (image, caption pairs); < 2 is skipped
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # extra labelled ITM pairs (`dataset_pairs`)
-    known: torch.Tensor | None  # (B, B) bool, caption j is true of image i too (`known_matches`)
+    known: torch.Tensor | None  # (B, B) bool, caption j is true of row i's image too (`known_matches`)
+    image_rows: torch.Tensor | None = None  # (B,) which of the I images each row is (None: row i is image i)
 
 
 class BatchSource:
@@ -287,7 +318,8 @@ class BatchSource:
                 raise ValueError(f"none of the training images of {cfg.data} could be decoded (see rejects.jsonl)")
             self.mean, self.std = normalisation(matcher.image_encoder.preprocess)
         self.records = records
-        self.plan = EpochPlan(len(records), [len(r.captions) for r in records], cfg.batch_size, size, cfg.seed)
+        counts = [len(r.captions) for r in records]
+        self.plan = EpochPlan(len(records), counts, cfg.batch_size, size, cfg.seed, cfg.captions_per_image)
 
     def batches(self, first: int, count: int) -> Iterator[MicroBatch]:
         """Global micro-batches first, first + 1, ... (`count` of them when streaming from files)."""
@@ -305,11 +337,9 @@ class BatchSource:
         cache, records = self.cache, self.records
         while True:
             _, images, captions = self.plan.micro_batch(m, self.rank)
-            idx = torch.tensor(images)
-            idx = idx[cache.good[idx]]
-            cap = cache.first_caption[idx] + torch.tensor(
-                [captions[images.index(i)] for i in idx.tolist()], dtype=torch.long
-            )
+            keep = [k for k, i in enumerate(images) if cache.good[i]]  # rows whose image decoded
+            idx = torch.tensor([images[k] for k in keep], dtype=torch.long)
+            cap = cache.first_caption[idx] + torch.tensor([captions[k] for k in keep], dtype=torch.long)
             dev = cache.images.pooled.device
             rows = [records[i] for i in idx.tolist()]
             drawn = [cache.captions[c] for c in cap.tolist()]
@@ -322,9 +352,10 @@ class BatchSource:
         h, w = self.matcher.image_encoder.image_size
         while True:
             _, images, caption_idx = self.plan.micro_batch(m, self.rank)
+            distinct, image_rows = distinct_images(images)
             generator = torch.Generator().manual_seed(mix_seed(cfg.seed, m, self.rank, 4))  # this micro-batch's crops
             pixels = augment_batch(
-                self.decoded.batch(self.decoded_rows[images]),
+                self.decoded.batch(self.decoded_rows[distinct]),
                 (h, w),
                 self.mean,
                 self.std,
@@ -333,7 +364,8 @@ class BatchSource:
             )
             rows = [self.records[i] for i in images]
             captions = [r.captions[c] for r, c in zip(rows, caption_idx)]
-            yield MicroBatch(pixels, self.matcher.tokenize(captions), len(captions), *self._labelled(rows, captions))
+            tokens = self.matcher.tokenize(captions)
+            yield MicroBatch(pixels, tokens, len(captions), *self._labelled(rows, captions), image_rows)
             m += 1
 
     def _streamed(self, first: int, count: int) -> Iterator[MicroBatch]:
@@ -351,11 +383,14 @@ class BatchSource:
             generator=torch.Generator().manual_seed(cfg.seed),
             persistent_workers=False,
         )
-        for batch, caption_of in loader:
+        for batch, planned in loader:
             if batch.pixels is None:
                 yield MicroBatch(None, None, 0, None, None)
                 continue
-            captions = [r.captions[caption_of[i]] for i, r in zip(batch.indices, batch.records)]
-            yield MicroBatch(
-                batch.pixels, self.matcher.tokenize(captions), len(captions), *self._labelled(batch.records, captions)
-            )
+            loaded = {image: k for k, image in enumerate(batch.indices)}  # rejected images drop their rows
+            kept = [(loaded[image], caption) for image, caption in planned if image in loaded]
+            rows = [batch.records[k] for k, _ in kept]
+            captions = [record.captions[c] for record, (_, c) in zip(rows, kept)]
+            image_rows = None if self.plan.per_image == 1 else torch.tensor([k for k, _ in kept])
+            tokens = self.matcher.tokenize(captions)
+            yield MicroBatch(batch.pixels, tokens, len(captions), *self._labelled(rows, captions), image_rows)
