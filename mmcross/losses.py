@@ -223,8 +223,10 @@ class MatchingLoss(nn.Module):
         text: TextFeatures,
         pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
         known: torch.Tensor | None = None,
+        itm_rows: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`known` (B, B): True where caption j is one of image i's captions too (see the module docstring)."""
+        """`known` (B, B): True where caption j is one of image i's captions too (see the module docstring);
+        `itm_rows` (R,): the rows the ITM draws its pairs from (None: all; `pairs` then not supported)."""
         w = self.weights
         image_emb, text_emb = image.pooled, text.pooled  # (B, E) unit vectors (`Matcher.encode_*`)
         terms: dict[str, torch.Tensor] = {}
@@ -232,11 +234,20 @@ class MatchingLoss(nn.Module):
             terms["itc"] = self.itc(image_emb, text_emb, known)
         if w.itm:
             similarity = self.itc.scale().detach() * image_emb @ text_emb.T
+            itm_image, itm_text, itm_known = image, text, known
+            if itm_rows is not None:  # e.g. one caption per image when a batch holds several of each
+                if pairs is not None:
+                    raise ValueError("labelled ITM pairs need every row in the ITM")
+                itm_image, itm_text = image.select(itm_rows), text.select(itm_rows)
+                similarity = similarity[itm_rows][:, itm_rows]  # (R, R)
+                itm_known = None if known is None else known[itm_rows][:, itm_rows]
             if w.itm_detach:
-                image, text = image.detached(), text.detached()
+                itm_image, itm_text = itm_image.detached(), itm_text.detached()
                 if pairs is not None:
                     pairs = (pairs[0], pairs[1].detached(), pairs[2])
-            terms["itm"] = itm_loss(matcher, image, text, similarity, pairs, known, w.itm_uniform, w.itm_rank)
+            terms["itm"] = itm_loss(
+                matcher, itm_image, itm_text, similarity, pairs, itm_known, w.itm_uniform, w.itm_rank
+            )
         if w.vse:
             terms["vse"] = vse_max_violation(image_emb, text_emb, w.vse_margin, known)
         total = sum(getattr(w, name) * value for name, value in terms.items())

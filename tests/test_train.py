@@ -155,9 +155,9 @@ def test_dataset_negatives_enter_the_itm_loss(tmp_path, monkeypatch):
     seen = []
     original = losses.itm_loss
 
-    def spy(matcher, image, text, similarity, pairs=None, known=None, uniform=0.0):
+    def spy(matcher, image, text, similarity, pairs=None, known=None, uniform=0.0, rank=0.0):
         seen.append(None if pairs is None else pairs)
-        return original(matcher, image, text, similarity, pairs, known, uniform)
+        return original(matcher, image, text, similarity, pairs, known, uniform, rank)
 
     monkeypatch.setattr(losses, "itm_loss", spy)
     fit(_run(synth, max_steps=2, dataset_negatives="true"), tmp_path / "with", progress=False)
@@ -205,9 +205,9 @@ def test_fit_tells_the_losses_which_in_batch_captions_are_true(tmp_path, monkeyp
     seen = []
     original = losses.itm_loss
 
-    def spy(matcher, image, text, similarity, pairs=None, known=None, uniform=0.0):
+    def spy(matcher, image, text, similarity, pairs=None, known=None, uniform=0.0, rank=0.0):
         seen.append(known)
-        return original(matcher, image, text, similarity, pairs, known, uniform)
+        return original(matcher, image, text, similarity, pairs, known, uniform, rank)
 
     monkeypatch.setattr(losses, "itm_loss", spy)
     fit(_run(synth, max_steps=4, batch_size=16), tmp_path / "run", progress=False)

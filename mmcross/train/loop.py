@@ -65,13 +65,18 @@ class TrainModule(nn.Module):
         (B, B): True where caption j is one of image i's captions too (not a negative); `image_rows` (B,): which
         image of `pixels` each caption row belongs to (None: one image per row)."""
         image = image if image is not None else self.matcher.encode_image(pixels)
+        itm_rows = None
         if image_rows is not None:
             image = image.select(image_rows)  # (B, ...) one row per caption; the tower ran once per image
+            # the ITM takes each image's first row: one caption per image, as many fusion pairs as images
+            rows = torch.arange(len(image_rows), device=image_rows.device)
+            first = torch.full((int(image_rows.max()) + 1,), len(rows), device=rows.device)
+            itm_rows = first.scatter_reduce(0, image_rows, rows, "amin")  # (I,)
         text = text if text is not None else self.matcher.encode_text(ids)
         pair_text = None
         if pairs is not None and len(pairs[0]):
             pair_text = (pairs[0], self.matcher.encode_text(pairs[1]), pairs[2])  # (rows, captions, labels)
-        return self.loss(self.matcher, image, text, pair_text, known)
+        return self.loss(self.matcher, image, text, pair_text, known, itm_rows)
 
 
 def read_records(path: str, fmt: str, split: str | None) -> list[Record]:
@@ -95,6 +100,8 @@ def check_cfg(cfg: TrainCfg) -> None:
         raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
     if cfg.dataset_negatives and cfg.feature_cache:
         raise ValueError("train.dataset_negatives is not supported with train.feature_cache")
+    if cfg.dataset_negatives and cfg.captions_per_image > 1:
+        raise ValueError("train.dataset_negatives needs train.captions_per_image=1")
 
 
 def dataset_negatives(cfg: TrainCfg) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
