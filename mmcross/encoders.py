@@ -37,6 +37,7 @@ from mmcross.config import PRESET_DIR, EncoderCfg
 from mmcross.features import ImageFeatures, TextFeatures
 
 HF_HOST = "huggingface.co"
+LENGTH_CHUNK = 64  # captions per text-tower call when a large batch is split by length
 CONNECT_TIMEOUT_S = 3.0
 _OPEN_CLIP_CONFIG_DIR = PRESET_DIR / "open_clip"
 
@@ -172,6 +173,15 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> TextFeatures:
         mask = self.padding_mask(tokens)  # (B, C)
+        if self.cuttable and tokens.shape[0] >= 2 * LENGTH_CHUNK:
+            # a training batch mixes short and long captions: run it in chunks of similar length, each cut to its
+            # own longest caption (exact: no real position sees padding), instead of padding all to the longest
+            order = mask.sum(dim=1).argsort()  # (B,) shortest first
+            parts = [self._forward(tokens[rows], mask[rows]) for rows in order.split(LENGTH_CHUNK)]
+            return TextFeatures.cat(parts).select(order.argsort())  # back in row order
+        return self._forward(tokens, mask)
+
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
         if self.cuttable:
             length = int(mask.sum(dim=1).max())
             tokens, mask = tokens[:, :length], mask[:, :length]  # (B, L)

@@ -59,6 +59,22 @@ def test_text_tokens_of_a_caption_do_not_depend_on_its_batch(tiny_encoders):
     assert torch.allclose(single.pooled[0], batched.pooled[0], atol=1e-5)
 
 
+def test_a_large_batch_runs_in_length_chunks_with_the_same_results(tiny_encoders, tiny_reference):
+    from mmcross.encoders import LENGTH_CHUNK
+
+    model, tokenizer = tiny_reference
+    words = "a dog runs through the tall grass near a river under a blue sky".split()
+    captions = [" ".join(words[: 1 + i % len(words)]) for i in range(2 * LENGTH_CHUNK + 5)]  # lengths mixed
+    tokens = tokenizer(captions)
+    with torch.inference_mode():
+        chunked = tiny_encoders.text(tokens)
+        whole = tiny_encoders.text._forward(tokens, tiny_encoders.text.padding_mask(tokens))
+        expected = model.encode_text(tokens)
+    assert torch.equal(chunked.mask, whole.mask) and chunked.tokens.shape == whole.tokens.shape
+    assert (chunked.pooled - expected).abs().max() <= 1e-4
+    assert (chunked.tokens - whole.tokens)[whole.mask].abs().max() <= 1e-4
+
+
 def test_image_pooled_equals_open_clip_and_tokens_are_patches(tiny_encoders, tiny_reference):
     model, _ = tiny_reference
     pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
