@@ -44,6 +44,8 @@ class FusionCfg:
     text_pool: str = "mean"  # how text states become one vector: "mean" over real tokens, or learned "attention"
     score_rule: str = "scaled_dot"  # how every fusion attention layer scores a query against a key: "scaled_dot"
     # (q.k / sqrt(Dh)), "additive" (v.tanh(q + k), Bahdanau) or "concat" (w.[q; k]); see fusion.CrossAttention
+    head_from_itc: bool = False  # the match head starts as the dual encoder (its logit = the ITC logit) and learns
+    # corrections (`fusion.MatchHead`); initialisation only
     seed: int = 0  # initialisation seed of the fusion block and match head (same config -> same weights)
 
 

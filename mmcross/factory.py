@@ -96,13 +96,13 @@ def _assemble(cfg: MatcherCfg, encoders: Encoders) -> Matcher:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.fusion.seed)
         fusion = build_fusion(cfg.fusion, encoders.image.token_dim, encoders.text.token_dim)
-        head = MatchHead(cfg.fusion.dim)
+        head = MatchHead(cfg.fusion.dim, from_itc=cfg.fusion.head_from_itc)
     return Matcher(encoders.image, encoders.text, fusion, head, cfg)
 
 
 def architecture(cfg: MatcherCfg) -> dict[str, Any]:
     """What fixes a matcher's tensors: the open_clip architecture and the fusion shape (not seeds, not weights)."""
-    fusion = {k: v for k, v in to_dict(cfg.fusion).items() if k not in ("seed", "dropout")}
+    fusion = {k: v for k, v in to_dict(cfg.fusion).items() if k not in ("seed", "dropout", "head_from_itc")}
     return {"encoder": cfg.encoder.model_name, "fusion": fusion}
 
 

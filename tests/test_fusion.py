@@ -263,6 +263,16 @@ def test_match_head_adds_the_dual_encoder_cosine_with_a_learned_gain():
     assert torch.allclose(head(pooled), head.net(widened).squeeze(-1))
 
 
+def test_a_head_from_itc_starts_as_the_dual_encoder_and_still_learns():
+    torch.manual_seed(0)
+    head = MatchHead(8, from_itc=True)
+    pooled, itc = torch.randn(4, 16), torch.tensor([0.9, 0.1, -0.3, 0.5])
+    assert torch.allclose(head(pooled, itc), itc / 0.07, atol=1e-5)  # the ITC logit at CLIP's initial temperature
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled, itc), torch.tensor([1.0, 0, 0, 1]))
+    loss.backward()
+    assert head.net[-1].weight.grad.abs().sum() > 0 and head.itc_gain.grad != 0  # the zero layer gets gradient
+
+
 def test_pair_readout_equals_naive_loop_over_ordered_token_pairs():
     """PairReadout: softmax over real pairs i < j of score_first(h_i) + score_second(h_j), each pair's MLP of
     [h_i, h_j, looked_j - looked_i, seen_j - seen_i]; padded tokens take part in no pair."""
