@@ -157,6 +157,9 @@ def test_training_with_several_captions_per_image(tmp_path):
     result = fit(_cfg(manifest, captions_per_image="2"), tmp_path / "run", progress=False)
     assert result.step == 3 and all(np.isfinite(e["loss"]) for e in result.losses)
     assert result.losses[0]["epoch"] == pytest.approx(1 / 12, abs=1e-4)  # 2 rounds of 6 batches of 2 images x 2
+    with pytest.raises(ValueError, match="multiple of train.captions_per_image"):  # refused before anything is built
+        fit(_cfg(manifest, captions_per_image="3"), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_the_same_image_is_never_a_negative():

@@ -96,6 +96,11 @@ def check_cfg(cfg: TrainCfg) -> None:
         raise ValueError("train.feature_cache needs train.trainable=fusion (frozen encoders)")
     if cfg.batch_size < 2:
         raise ValueError("train.batch_size must be at least 2 (in-batch negatives)")
+    if cfg.captions_per_image < 1 or cfg.batch_size % cfg.captions_per_image:
+        raise ValueError(
+            f"train.batch_size ({cfg.batch_size}) must be a multiple of train.captions_per_image "
+            f"({cfg.captions_per_image}, at least 1)"
+        )
     if not 0.0 <= cfg.itm_uniform_negatives <= 1.0:
         raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
     if cfg.dataset_negatives and cfg.feature_cache:
