@@ -21,6 +21,13 @@ app = typer.Typer(
 MODEL_HELP = "Architecture preset (see `mmcross models`) or a JSON config file."
 PRETRAINED_HELP = "Weights: an open_clip tag (e.g. laion2b_s34b_b79k), a local checkpoint file, or hf-hub:org/repo."
 SET_HELP = "Override a config field, e.g. --set fusion.cross_layers=3 (repeatable)."
+# commands that take --checkpoint: no --model means vit-b-32, or the checkpoint's own; a different one is refused
+_MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: vit-b-32, or the checkpoint's own.")
+_ALLOW_UNTRAINED = typer.Option(
+    False, "--allow-untrained-head", help="Use the fusion head's ITM scores even if no training run trained it."
+)
+# every long command shows progress on stderr: a bar on a terminal, a plain line every ~30 s in a log file
+_QUIET = typer.Option(False, "--quiet", help="Show no progress on stderr (bar on a terminal, lines in a log).")
 
 
 def _ref(model: str | None, pretrained: str | None, checkpoint: Path | None, set_: list[str] | None):
@@ -28,7 +35,7 @@ def _ref(model: str | None, pretrained: str | None, checkpoint: Path | None, set
     from mmcross.config import ModelRef, parse_set_options
 
     return ModelRef(
-        model=model or "vit-b-32",
+        model=model,
         pretrained=pretrained,
         checkpoint=str(checkpoint) if checkpoint else None,
         overrides=parse_set_options(set_ or []),
@@ -42,9 +49,14 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show libra
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into one line on stderr and exit status 2."""
+    """Turn the errors a user can fix into one line on stderr and exit status 2 (1: nothing could be read at all)."""
+    from mmcross.data.records import NothingReadable
+
     try:
         yield
+    except NothingReadable as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         # PretrainedUnavailable is a RuntimeError from mmcross.encoders; look it up only when that module is loaded,
         # so commands that need no model (`data ...`) do not pay for importing open_clip.
@@ -84,9 +96,11 @@ def embed(
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the vectors to this .npy file (N, E)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per forward pass."),
+    quiet: bool = _QUIET,
 ) -> None:
     """Embed captions and/or images with the dual encoder: unit vectors, images first, then captions."""
     from mmcross.encode import embed as embed_items
+    from mmcross.encode import npy_path
     from mmcross.factory import load_matcher
 
     if not text and not image:
@@ -95,10 +109,15 @@ def embed(
     with user_errors():
         matcher = load_matcher(_ref(model, pretrained, None, set_))
         vectors = embed_items(
-            matcher, images=list(image or []), captions=list(text or []), batch_size=batch_size, out=out
+            matcher,
+            images=list(image or []),
+            captions=list(text or []),
+            batch_size=batch_size,
+            out=out,
+            progress=not quiet,
         )
     if out is not None:
-        typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}", err=True)
+        typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {npy_path(out)}", err=True)
         return
     inputs = [("image", str(p)) for p in image or []] + [("text", t) for t in text or []]
     for (kind, value), vector in zip(inputs, vectors):
@@ -134,7 +153,7 @@ def _data_cfg(fmt, split, image_root, image_col, caption_col, max_pixels, backgr
 
 
 _FORMAT = typer.Option("auto", "--format", "-f", help=FORMAT_HELP)
-_SPLIT = typer.Option(None, "--split", "-s", help="Only this split: train, dev (alias val) or test.")
+_SPLIT = typer.Option(None, "--split", "-s", help="Only this split: train, dev (val), test, or all (the default).")
 _IMAGE_ROOT = typer.Option(None, "--image-root", help="Folder that relative image paths resolve against.")
 _IMAGE_COL = typer.Option(None, "--image-col", help="Table column with image paths (default: image, filepath, ...).")
 _CAPTION_COL = typer.Option(None, "--caption-col", help="Table column with captions (default: caption, title, ...).")
@@ -261,7 +280,7 @@ def index(
     fmt: str = _FORMAT,
     split: str | None = _SPLIT,
     image_root: Path | None = _IMAGE_ROOT,
-    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    model: str | None = _MODEL,
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
@@ -280,6 +299,7 @@ def index(
     world_size: int | None = typer.Option(
         None, "--world-size", min=1, help="Processes sharing the job (default: $WORLD_SIZE, else 1)."
     ),
+    quiet: bool = _QUIET,
 ) -> None:
     """Embed a dataset into an index folder in clip-retrieval's layout, with a token cache for re-ranking."""
     from mmcross.config import DataCfg
@@ -301,6 +321,7 @@ def index(
             append=append,
             rank=rank,
             world_size=world_size,
+            progress=not quiet,
         )
         report = build_index(dataset, out, load_matcher(ref), data_cfg, opts, ref)
     who = f"rank {report.rank}/{report.world_size}: " if report.world_size > 1 else ""
@@ -335,14 +356,16 @@ def search(
     html: Path | None = typer.Option(
         None, "--html", help="Also write the hits as one self-contained HTML page (embedded thumbnails) here."
     ),
+    allow_untrained_head: bool = _ALLOW_UNTRAINED,
 ) -> None:
     """Search an index by caption or image: dual-encoder top-k, optionally re-ranked by the fusion head.
 
     Scores: itc is the dual-encoder cosine; with --rerank, itm is the match probability and score = itm +
-    itc_weight * itc (what hits are ranked by); without it, score = itc.
+    itc_weight * itc (what hits are ranked by); without it, score = itc. --rerank needs a trained fusion head (a
+    checkpoint of `mmcross train`); an untrained one is refused unless --allow-untrained-head.
     """
     from mmcross.config import parse_set_options
-    from mmcross.retrieval import Query, read_queries, search_index
+    from mmcross.retrieval import Query, dataset_root, read_queries, search_index
 
     if sum(x is not None for x in (text, image, queries)) != 1:
         typer.echo("error: give exactly one of --text, --image or --queries", err=True)
@@ -361,21 +384,53 @@ def search(
             backend=backend,
             nprobe=nprobe,
             html=html,
+            allow_untrained_head=allow_untrained_head,
         )
+        root = dataset_root(index_dir)
+    if not queries and results[0].reject:
+        typer.echo(f"error: {results[0].reject}", err=True)
+        raise typer.Exit(2)
+    for number, answer in enumerate(results, 1):
+        if answer.reject:
+            typer.echo(f"reject: query {number} ({answer.query.label}): {answer.reject}", err=True)
     if as_json:
-        payload = [{"query": q.label, "hits": [h.to_dict() for h in hits]} for q, hits in results]
+        payload = [answer.to_dict() for answer in results]
         typer.echo(json.dumps(payload if queries else payload[0], indent=2, ensure_ascii=False))
-        return
+    else:
+        _print_hits(results, target, root)
+    if all(answer.reject for answer in results):
+        typer.echo("error: no query could be searched (see the rejects above)", err=True)
+        raise typer.Exit(1)
+
+
+def _print_hits(results, target: str, root: Path) -> None:
+    """One table per query: image paths relative to the dataset root, shown whole (folded on a narrow terminal,
+    never cut), captions wrapped; the id column only where an id is not the path's end (COCO ids, for example)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(120, Console().width))
-    for q, hits in results:
-        table = Table("rank", "score", "itc", "itm", "id", "caption" if target == "captions" else "path", title=q.label)
-        for h in hits:
+    from mmcross.retrieval import short_path
+
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: whole lines, nothing folded
+        console = Console(width=100_000)
+    for answer in results:
+        if answer.reject:
+            continue
+        paths = [short_path(h.path, root) for h in answer.hits]
+        show_id = any(not p.endswith(h.image_id) for p, h in zip(paths, answer.hits))
+        table = Table(title=answer.query.label)
+        for name in ("rank", "score", "itc", "itm"):
+            table.add_column(name, justify="right", no_wrap=True)
+        if show_id:
+            table.add_column("id", overflow="fold")
+        table.add_column("image", overflow="fold")
+        if target == "captions":
+            table.add_column("caption", overflow="fold")
+        for h, path in zip(answer.hits, paths):
             itm = "-" if h.itm is None else f"{h.itm:.3f}"
-            shown = h.caption if target == "captions" else h.path
-            table.add_row(str(h.rank), f"{h.score:.3f}", f"{h.itc:.3f}", itm, h.image_id, shown or "")
+            cells = [str(h.rank), f"{h.score:.3f}", f"{h.itc:.3f}", itm, *([h.image_id] if show_id else []), path]
+            table.add_row(*cells, *([h.caption or ""] if target == "captions" else []))
         console.print(table)
 
 
@@ -383,19 +438,24 @@ def search(
 def score(
     pairs: Path = typer.Argument(..., help="Image-caption pairs: CSV, TSV, JSONL or Parquet."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file (.csv, .tsv, .jsonl or .parquet): input + scores."),
-    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    model: str | None = _MODEL,
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     image_root: Path | None = typer.Option(None, "--image-root", help="Folder relative image paths resolve against."),
-    image_col: str = typer.Option("image", "--image-col", help="Column with the image path."),
-    caption_col: str = typer.Option("caption", "--caption-col", help="Column with the caption."),
+    image_col: str | None = _IMAGE_COL,
+    caption_col: str | None = _CAPTION_COL,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Rows per forward pass (and per read)."),
+    quiet: bool = _QUIET,
+    allow_untrained_head: bool = _ALLOW_UNTRAINED,
 ) -> None:
-    """Score every image-caption pair of a table: adds itc, itm, score and reason columns, rows kept in order.
+    """Score every image-caption pair of a table: adds input_row, itc, itm, score and reason columns, in order.
 
     itc is the dual-encoder cosine, itm the fusion head's match probability, score = itm + itc_weight * itc. Rows
-    that cannot be scored (missing image, empty caption) keep empty scores and say why in `reason`.
+    that cannot be scored (missing image, empty caption) keep empty scores and say why in `reason`; with an
+    untrained head (no --checkpoint) itm and score stay empty with reason "untrained head" (itc is kept). A caption
+    cell holding a list (e.g. the `captions` of a JSONL manifest) gives one output row per caption, with its input_row.
+    Columns and the CSV delimiter are detected as every command detects them; invalid UTF-8 is replaced and counted.
     """
     from mmcross.factory import load_matcher
     from mmcross.scoring import score_pairs
@@ -410,8 +470,24 @@ def score(
             image_col=image_col,
             caption_col=caption_col,
             batch_size=batch_size,
+            progress=not quiet,
+            allow_untrained_head=allow_untrained_head,
         )
-    typer.echo(f"scored {report.scored:,} of {report.rows:,} rows -> {out} ({report.bad:,} with a reason)")
+    if not report.head:
+        typer.echo(
+            "note: the match head is untrained (no training run trained it): itc written, itm and score left empty "
+            "(reason 'untrained head'); pass --checkpoint RUN_DIR, or --allow-untrained-head",
+            err=True,
+        )
+    pairs_note = f" as {report.written:,} pairs" if report.written != report.rows else ""
+    typer.echo(
+        f"scored {report.scored:,} of {report.rows:,} rows{pairs_note} -> {out} ({report.bad:,} with a reason; "
+        f"image column {report.image_col!r}, caption column {report.caption_col!r})"
+    )
+    if report.stats.invalid_utf8:
+        typer.echo(f"note: {report.stats.invalid_utf8:,} cell(s) of invalid UTF-8 replaced by U+FFFD", err=True)
+    for reject in report.stats.rejects:
+        typer.echo(f"note: skipped {reject.path}:{reject.line}: {reject.reason}", err=True)
 
 
 @app.command()
@@ -419,7 +495,7 @@ def explain(
     image: Path = typer.Argument(..., help="The image file."),
     caption: str = typer.Argument(..., help="The caption to match against it."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write: one heat-map panel per caption word."),
-    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    model: str | None = _MODEL,
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
@@ -435,12 +511,17 @@ def explain(
     scaled to its own range; the number beside the word is the share of its attention that went to the image.
     """
     from mmcross.factory import load_matcher
+    from mmcross.report.heatmap import UNTRAINED_NOTE, check_png_path
     from mmcross.report.heatmap import explain as explain_pair
 
     with user_errors():
+        check_png_path(out)  # before the model loads
         matcher = load_matcher(_ref(model, pretrained, checkpoint, set_))
         result = explain_pair(matcher, image, caption, out, layer=None if all_layers else layer, panel=panel)
-    typer.echo(f"itc {result.itc:.4f}  itm {result.itm:.4f}  score {result.score:.4f}")
+    untrained = "" if result.head_trained else "  (untrained head)"
+    typer.echo(f"itc {result.itc:.4f}  itm {result.itm:.4f}  score {result.score:.4f}{untrained}")
+    if not result.head_trained:
+        typer.echo(f"warning: {UNTRAINED_NOTE}; pass --checkpoint RUN_DIR for a trained one", err=True)
     typer.echo(f"wrote {len(result.words)} panels ({result.size[0]}x{result.size[1]}) to {out}", err=True)
 
 
@@ -452,7 +533,8 @@ def train(
         None, "--set", help="Override a run-config field, e.g. --set train.max_steps=100 or --set fusion.dim=64."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress on stderr (--quiet: none)."),
+    quiet: bool = _QUIET,
 ) -> None:
     """Fine-tune a matcher with ITC + ITM hard negatives (+ VSE++); `torchrun` runs it with DDP.
 
@@ -462,13 +544,17 @@ def train(
     from mmcross.train import train_from_config
 
     with user_errors():
-        result = train_from_config(config, out, parse_set_options(set_ or []), resume=resume, progress=progress)
+        overrides = parse_set_options(set_ or [])
+        result = train_from_config(config, out, overrides, resume=resume, progress=progress and not quiet)
     summary = {
         "run_dir": str(result.run_dir),
         "step": result.step,
         "stopped_by": result.stopped_by,
+        "rejects": result.rejects,
         "seconds": round(result.seconds, 1),
     }
+    if result.rejects:
+        summary["rejects_file"] = str(result.run_dir / "rejects.jsonl")
     if result.loss_curve is not None:
         summary["loss_curve"] = str(result.loss_curve)
     if result.eval is not None:
@@ -482,14 +568,18 @@ def train(
 def eval_(
     dataset: str = typer.Argument(..., help=DATASET_HELP),
     fmt: str = _FORMAT,
-    split: str | None = typer.Option("test", "--split", "-s", help="Split to evaluate: train, dev (val) or test."),
+    split: str = typer.Option(
+        "test", "--split", "-s", help="Split to evaluate: train, dev (val), test, or all (every record, split or not)."
+    ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="A .safetensors checkpoint, or a run directory (its best, else last)."
     ),
-    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    model: str | None = _MODEL,
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
-    rerank: int = typer.Option(16, "--rerank", "-k", min=0, help="Re-rank each query's top K by the fusion (0: off)."),
+    rerank: int | None = typer.Option(
+        None, "--rerank", "-k", min=0, help="Re-rank each query's top K by the fusion (default 16; 0 if untrained)."
+    ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write the results JSON here too, and its recall@K curve beside it (.png)."
     ),
@@ -503,6 +593,8 @@ def eval_(
     hard_negatives: bool = typer.Option(
         False, "--hard-negatives", help="Also: is each caption scored above its swapped negative? (synth manifests)"
     ),
+    allow_untrained_head: bool = _ALLOW_UNTRAINED,
+    quiet: bool = _QUIET,
 ) -> None:
     """Recall@1/5/10 both ways, median rank and rsum: dual encoder, and after fusion re-rank of its top K."""
     from mmcross.config import DataCfg
@@ -521,7 +613,11 @@ def eval_(
             out=out,
             html=html,
             hard_negatives=hard_negatives,
+            allow_untrained_head=allow_untrained_head,
+            progress=not quiet,
         )
+    if report.get("rerank_skipped"):
+        typer.echo("note: the match head is untrained, so only the dual encoder was evaluated (no re-rank)", err=True)
     typer.echo(json.dumps(report, indent=2))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "model_configs"
+DEFAULT_MODEL = "vit-b-32"  # the preset a command uses when none is named
 
 
 @dataclass
@@ -67,7 +68,8 @@ class ModelRef:
     built the index.
     """
 
-    model: str = "vit-b-32"  # architecture preset (`mmcross models`) or a JSON config file
+    model: str | None = None  # architecture preset (`mmcross models`) or a JSON config file; None = DEFAULT_MODEL,
+    # or with a checkpoint its own architecture (a model named beside a checkpoint must be the checkpoint's)
     pretrained: str | None = None  # open_clip weights for the encoders (tag, file, hf-hub:org/repo); None = random
     checkpoint: str | None = None  # a mmcross .safetensors checkpoint or a run directory; it holds its architecture
     overrides: dict[str, Any] = field(default_factory=dict)  # `--set key=value` on top of the architecture
@@ -79,7 +81,7 @@ class ModelRef:
         """Inverse of `to_dict`; also reads the `{"preset", "pretrained", "checkpoint", "config"}` of old manifests."""
         data = dict(data)
         if "preset" in data:
-            data["model"] = data.pop("preset") or "vit-b-32"
+            data["model"] = data.pop("preset") or DEFAULT_MODEL
         return from_dict(cls, data)
 
 

@@ -21,9 +21,10 @@ import torch
 from mmcross.config import DataCfg
 from mmcross.data.images import try_decode
 from mmcross.data.loader import image_loader
-from mmcross.data.records import Record, Reject
+from mmcross.data.records import NothingReadable, Record, Reject
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.model import Matcher
+from mmcross.progress import Progress
 
 
 @dataclass
@@ -98,21 +99,27 @@ def encode_records(
     workers: int = 0,
     cfg: DataCfg | None = None,
     tokens: bool = True,
+    progress: Progress | None = None,
 ) -> EncodedRecords:
     """All of `encode_images` gathered: the features of every image that decoded (for eval and feature caches).
+
+    Args:
+        progress: advanced by the images of each batch (rejected ones included).
 
     Raises:
         ValueError: no image could be decoded.
     """
     parts, indices, kept, rejects = [], [], [], []
     for batch in encode_images(matcher, records, batch_size=batch_size, workers=workers, cfg=cfg, tokens=tokens):
+        if progress is not None:
+            progress.advance(len(batch.indices) + len(batch.rejects))
         rejects += [reject for _, reject in batch.rejects]
         if batch.features is not None:
             parts.append(batch.features.to("cpu"))
             indices += batch.indices
             kept += batch.records
     if not parts:
-        raise ValueError("no image could be read (see the rejects)")
+        raise NothingReadable("no image could be read (see the rejects)", rejects)
     return EncodedRecords(ImageFeatures.cat(parts), indices, kept, rejects)
 
 
@@ -241,22 +248,32 @@ def embed(
     captions: Sequence[str] = (),
     batch_size: int = 64,
     out: str | Path | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """(N, E) float32 unit vectors: the image files first, then the captions (`mmcross embed`); also saved to the
-    .npy file `out` when given.
+    .npy file `out` when given. `progress` shows the items done on stderr.
 
     Raises:
         ValueError: an image that cannot be decoded (named), or an empty caption.
     """
     parts = []
-    for batch in encode_images(matcher, image_file_records(images), batch_size=batch_size, tokens=False):
-        if batch.rejects:
-            bad = batch.rejects[0][1]
-            raise ValueError(f"cannot read image {bad.path}: {bad.reason}")
-        parts.append(batch.features.pooled.cpu().numpy())
-    if captions:
-        parts.append(encode_texts(matcher, captions, batch_size=batch_size, tokens=False).pooled.numpy())
+    with Progress(len(images) + len(captions), "embedding", "items", enabled=progress) as bar:
+        for batch in encode_images(matcher, image_file_records(images), batch_size=batch_size, tokens=False):
+            if batch.rejects:
+                bad = batch.rejects[0][1]
+                raise ValueError(f"cannot read image {bad.path}: {bad.reason}")
+            parts.append(batch.features.pooled.cpu().numpy())
+            bar.advance(len(batch.indices))
+        if captions:
+            parts.append(encode_texts(matcher, captions, batch_size=batch_size, tokens=False).pooled.numpy())
+            bar.advance(len(captions))
     vectors = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, matcher.image_encoder.embed_dim))
     if out is not None:
-        np.save(out, vectors.astype(np.float32))
+        np.save(npy_path(out), vectors.astype(np.float32))
     return vectors.astype(np.float32)
+
+
+def npy_path(out: str | Path) -> Path:
+    """The file `embed(out=...)` writes: `out`, with .npy added when its name lacks it (as `numpy.save` does)."""
+    out = Path(out)
+    return out if out.suffix == ".npy" else out.with_name(out.name + ".npy")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -286,6 +288,35 @@ def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str, str]:
     return model_name, pretrained
 
 
+def _unpickling_reason(err: Exception) -> str:
+    """One line for a weights file torch refused to unpickle (its message spans a paragraph)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+    return (
+        f"it holds Python objects besides tensors, which could run code when unpickled, so it was not loaded ({why}); "
+        "use open_clip weights saved as tensors (.safetensors, or a torch state dict)"
+    )
+
+
+def _build_error(model_name: str, pretrained: str | None, err: Exception) -> str:
+    """One line for open_clip failing to build a model; a weights file of another model lists every tensor, so
+    only the counts and a first name are kept."""
+    text = str(err)
+    if "Error(s) in loading state_dict" not in text:
+        return f"cannot build open_clip model {model_name}: {text}"
+    counts = {}
+    for kind in ("Missing key(s)", "Unexpected key(s)"):
+        line = next((x for x in text.splitlines() if x.strip().startswith(kind)), "")
+        counts[kind] = re.findall(r'"([^"]+)"', line)
+    shapes = text.count("size mismatch for")
+    missing, unexpected = counts["Missing key(s)"], counts["Unexpected key(s)"]
+    example = (missing or unexpected or [""])[0]
+    return (
+        f"--pretrained {pretrained} does not hold {model_name} weights: {len(missing)} tensors missing, "
+        f"{len(unexpected)} unexpected, {shapes} of another shape" + (f" (e.g. {example})" if example else "")
+    )
+
+
 def load_encoders(cfg: EncoderCfg, device: str | torch.device = "cpu") -> Encoders:
     """Build the image and text encoders of `cfg`: seeded random init, or the pretrained weights it names."""
     _register_configs()
@@ -306,8 +337,10 @@ def load_encoders(cfg: EncoderCfg, device: str | torch.device = "cpu") -> Encode
                 weights_only=True,
             )
         tokenizer = open_clip.get_tokenizer(model_name)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused it before running anything
+        raise ValueError(f"refusing --pretrained {cfg.pretrained}: {_unpickling_reason(err)}") from None
     except (RuntimeError, OSError, ImportError) as err:  # e.g. a tower that needs `transformers`, a bad file
-        raise ValueError(f"cannot build open_clip model {model_name}: {err}") from err
+        raise ValueError(_build_error(model_name, cfg.pretrained, err)) from None
     model.eval()
     text = TextEncoder(model, tokenizer)
     return Encoders(

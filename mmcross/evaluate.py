@@ -20,15 +20,17 @@ from typing import Any
 import torch
 
 from mmcross.config import DataCfg, ModelRef
-from mmcross.data.records import Record, caption_key
+from mmcross.data.records import NothingReadable, Record, caption_key
 from mmcross.encode import encode_records, encode_texts
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.metrics import DEFAULT_KS, image_to_text_ranks, rank_changes, retrieval_metrics, text_to_image_ranks
 from mmcross.model import Matcher
+from mmcross.progress import Progress
 
 log = logging.getLogger(__name__)
 
 BELOW = 1e3  # candidates outside the top K are pushed this far below every re-ranked score
+DEFAULT_RERANK_K = 16  # `run_eval` re-ranks this many candidates per query when the head was trained
 
 
 @dataclass
@@ -56,12 +58,16 @@ def same_text_matches(captions: Sequence[str], caption_image: torch.Tensor, n_im
     return has[:, text_group]  # (N, M)
 
 
-def encode_split(matcher: Matcher, records: Sequence[Record], batch_size: int = 64, workers: int = 0) -> EncodedSplit:
+def encode_split(
+    matcher: Matcher, records: Sequence[Record], batch_size: int = 64, workers: int = 0, progress: bool = False
+) -> EncodedSplit:
     """Encode every image (eval transform) and every caption of `records` once."""
+    records = [r for r in records if r.captions]
     try:
-        encoded = encode_records(matcher, [r for r in records if r.captions], batch_size=batch_size, workers=workers)
+        with Progress(len(records), "eval: encoding", "images", enabled=progress) as bar:
+            encoded = encode_records(matcher, records, batch_size=batch_size, workers=workers, progress=bar)
     except ValueError:
-        raise ValueError("no image of the split could be read") from None
+        raise NothingReadable("no image of the split could be read (missing or unreadable files)") from None
     captions = [c for record in encoded.records for c in record.captions]
     caption_image = torch.tensor([i for i, record in enumerate(encoded.records) for _ in record.captions])
     texts = encode_texts(matcher, captions, batch_size=4 * batch_size)
@@ -80,6 +86,7 @@ def rerank_similarity(
     *,
     by: str = "column",
     batch_pairs: int = 1024,
+    progress: bool = False,
 ) -> torch.Tensor:
     """`similarity` (N_img, N_cap) with each query's top-k candidates rescored by the fusion and moved ahead.
 
@@ -91,6 +98,7 @@ def rerank_similarity(
         k: candidates per query.
         by: "column" re-ranks each caption's images (text -> image), "row" each image's captions (image -> text).
         batch_pairs: pairs per fusion call.
+        progress: show the queries done on stderr.
 
     Returns:
         (N_img, N_cap) scores whose ranking per column (or row) is the re-ranked one.
@@ -100,6 +108,8 @@ def rerank_similarity(
     top = sim.topk(k, dim=1).indices  # (Q, k)
     out = sim.float() - BELOW
     queries_per_call = max(1, batch_pairs // max(k, 1))
+    what = "text -> image" if by == "column" else "image -> text"
+    bar = Progress(sim.shape[0], f"eval: re-ranking {what}", "queries", enabled=progress)
     for start in range(0, sim.shape[0], queries_per_call):
         q = torch.arange(start, min(start + queries_per_call, sim.shape[0]))
         cand = top[q]  # (q, k)
@@ -111,6 +121,8 @@ def rerank_similarity(
             image_part, text_part = images.select(c_flat), texts.select(q_flat)
         scores = matcher.score_pairs(image_part, text_part).score.float().cpu()  # (q*k,)
         out[q[:, None], cand] = scores.view(len(q), k)
+        bar.advance(len(q))
+    bar.close()
     return out if by == "row" else out.T
 
 
@@ -124,10 +136,12 @@ def evaluate(
     batch_size: int = 64,
     workers: int = 0,
     failures: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Recall@K both ways, median ranks and rsum for the dual encoder and after re-ranking its top `k`.
 
     Args:
+        progress: show encoding and re-ranking progress on stderr (off inside a training run, which shows its own).
         failures: also return the this many worst queries of each direction (true match ranked lowest, by the
             re-ranked order when `k` > 0), as `mmcross.report.gallery.Failure` objects under "failures".
 
@@ -140,7 +154,7 @@ def evaluate(
     matcher.eval()
     start = time.perf_counter()
     try:
-        split = encode_split(matcher, records, batch_size=batch_size, workers=workers)
+        split = encode_split(matcher, records, batch_size=batch_size, workers=workers, progress=progress)
         similarity = split.images.pooled.float() @ split.texts.pooled.float().T  # (N_img, N_cap)
         metrics = retrieval_metrics(similarity, split.caption_image, ks, split.matches)
         rerank = rerank_effect = None
@@ -148,8 +162,8 @@ def evaluate(
         if k > 0:
             images = matcher.prepare(split.images.to(dtype=matcher.dtype))
             texts = matcher.prepare(split.texts.to(dtype=matcher.dtype))
-            t2i_sim = rerank_similarity(matcher, images, texts, similarity, k, by="column")
-            i2t_sim = rerank_similarity(matcher, images, texts, similarity, k, by="row")
+            t2i_sim = rerank_similarity(matcher, images, texts, similarity, k, by="column", progress=progress)
+            i2t_sim = rerank_similarity(matcher, images, texts, similarity, k, by="row", progress=progress)
             t2i = retrieval_metrics(t2i_sim, split.caption_image, ks, split.matches)
             i2t = retrieval_metrics(i2t_sim, split.caption_image, ks, split.matches)
             rerank = {key: (t2i if key.startswith("image_") else i2t)[key] for key in metrics if key != "rsum"}
@@ -193,7 +207,7 @@ def run_eval(
     data_cfg: DataCfg,
     ref: ModelRef,
     *,
-    k: int = 16,
+    k: int | None = None,
     batch_size: int = 64,
     workers: int = 0,
     max_images: int | None = None,
@@ -202,8 +216,14 @@ def run_eval(
     html: str | Path | None = None,
     failures: int = 20,
     hard_negatives: bool = False,
+    progress: bool = True,
+    allow_untrained_head: bool = False,
 ) -> dict[str, Any]:
     """`mmcross eval`: load the model `ref` names, evaluate one split, optionally write the JSON to `out`.
+
+    `k` candidates per query are re-ranked; None means `DEFAULT_RERANK_K` when the fusion head was trained, and no
+    re-ranking when it was not (the report says `"rerank_skipped": "untrained head"`); an explicit `k` > 0 with an
+    untrained head raises `UntrainedHead` unless `allow_untrained_head`.
 
     Beside the JSON goes its recall@K curve (`out` with suffix .png); `html` gets a self-contained page of the
     `failures` worst queries of each direction and what ranked above their true match. With `hard_negatives`, the
@@ -219,10 +239,16 @@ def run_eval(
     if max_images:
         records = records[:max_images]
     if not records:
-        where = f" in split {data_cfg.split!r}" if data_cfg.split else ""
-        raise ValueError(f"{dataset} has no images with captions{where}")
+        raise ValueError(ds.nothing_in_split())
     matcher = load_matcher(ref, device=device)
-    result = evaluate(matcher, records, k, batch_size=batch_size, workers=workers, failures=failures if html else 0)
+    skipped = k is None and not matcher.head_trained
+    if k is None:
+        k = DEFAULT_RERANK_K if matcher.head_trained else 0
+    elif k > 0 and not allow_untrained_head:
+        matcher.require_trained_head("--rerank")
+    result = evaluate(
+        matcher, records, k, batch_size=batch_size, workers=workers, failures=failures if html else 0, progress=progress
+    )
     worst = result.pop("failures", None)
     report = {
         "dataset": str(dataset),
@@ -230,7 +256,9 @@ def run_eval(
         "split": data_cfg.split,
         "model": _model_name(ref, matcher),
         "pretrained": matcher.cfg.encoder.pretrained,
+        "head": matcher.head_info(),
         "k": k,
+        **({"rerank_skipped": "untrained head"} if skipped else {}),
         **result,
     }
     if hard_negatives:

@@ -19,8 +19,10 @@ import torch
 
 from mmcross import __version__
 from mmcross.config import (
+    DEFAULT_MODEL,
     MatcherCfg,
     ModelRef,
+    _flatten,
     apply_overrides,
     from_dict,
     list_presets,
@@ -88,6 +90,7 @@ def create_matcher(
             cfg = apply_overrides(cfg, {"encoder.pretrained": pretrained})
     else:
         cfg = resolve_cfg(name_or_cfg, pretrained, overrides)
+    _refuse_mmcross_pretrained(cfg.encoder.pretrained)
     return _assemble(cfg, load_encoders(cfg.encoder, device=device)).to(device).eval()
 
 
@@ -117,24 +120,63 @@ def describe(cfg: MatcherCfg) -> str:
 
 def save_checkpoint(matcher: Matcher, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write `matcher` as a self-describing safetensors checkpoint; `metadata` adds string entries (e.g. step)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write_checkpoint_file(matcher, tmp, metadata)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint under the real name
+    return path
+
+
+def write_checkpoint_file(matcher: Matcher, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The checkpoint bytes of `matcher` at exactly `path` (no rename; `save_checkpoint` is the atomic write).
+
+    Besides the config, the metadata records whether the fusion and head were trained: `head_trained` ("true" /
+    "false") and `head_steps` (optimiser steps with ITM gradients), both left out when unknown.
+    """
+    from safetensors.torch import save_file
+
     meta = {
         **(metadata or {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": json.dumps(to_dict(matcher.cfg)),
     }
+    if matcher.head_steps is not None:
+        meta["head_trained"] = "true" if matcher.head_steps > 0 else "false"
+        meta["head_steps"] = str(matcher.head_steps)
     meta["mmcross_version"] = __version__
     state = {k: v.detach().contiguous().cpu() for k, v in matcher.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint under the real name
-    return path
+    save_file(state, str(path), metadata=meta)
+
+
+def _safetensors_header(path: Path) -> tuple[dict | None, bytes]:
+    """(the JSON header of a safetensors file, None when it is not one; the file's first 8 bytes), read by hand."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = f.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""
+    try:
+        parsed = json.loads(header) if header.startswith(b"{") else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        parsed = None
+    return (parsed if isinstance(parsed, dict) else None), head
+
+
+def _refuse_mmcross_pretrained(pretrained: str | None) -> None:
+    """Refuse a mmcross checkpoint passed as open_clip weights (open_clip would list every tensor as missing)."""
+    path = Path(pretrained).expanduser() if pretrained else None
+    if path is None or not path.is_file():
+        return
+    parsed, _ = _safetensors_header(path)
+    if parsed is not None and (parsed.get("__metadata__") or {}).get("format") == FORMAT:
+        raise ValueError(
+            f"--pretrained {pretrained} is an mmcross checkpoint (encoders, fusion and head), not open_clip weights; "
+            f"use --checkpoint {pretrained}"
+        )
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -147,16 +189,8 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
     )
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"refusing {path}: a {path.suffix} file may be a pickle, which mmcross never loads; {hint}")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        header = f.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""
-    try:
-        parsed = json.loads(header) if header.startswith(b"{") else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        parsed = None
-    if not isinstance(parsed, dict):
+    parsed, head = _safetensors_header(path)
+    if parsed is None:
         kind = "not safetensors"
         if head[:1] == b"\x80":
             kind = "a pickle"
@@ -167,6 +201,11 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"refusing {path}: a safetensors file without mmcross metadata; {hint}")
     return meta
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a mmcross checkpoint (config, step, head_steps, ...), read without loading any tensor."""
+    return _safetensors_metadata(Path(path))
 
 
 def load_checkpoint(
@@ -208,7 +247,18 @@ def load_checkpoint(
         )
     matcher.load_state_dict(load_file(str(path), device=str(device)))
     matcher.cfg = cfg  # keep the provenance (encoder.pretrained) the checkpoint recorded
+    matcher.head_steps = checkpoint_head_steps(meta)
     return matcher
+
+
+def checkpoint_head_steps(meta: dict[str, str]) -> int | None:
+    """The training steps of the fusion and head a checkpoint's metadata records.
+
+    None for a checkpoint written before mmcross recorded them (no `head_steps` key): such checkpoints came from
+    training runs, which trained the head unless `itm_weight` was 0, so they are treated as trained and old runs
+    keep re-ranking as before.
+    """
+    return int(meta["head_steps"]) if "head_steps" in meta else None
 
 
 BEST_CHECKPOINT = "best.safetensors"  # what a run directory's `--checkpoint RUN_DIR` means
@@ -230,39 +280,74 @@ def load_matcher(ref: ModelRef, device: str | torch.device = "cpu") -> Matcher:
     """The matcher a model reference names: its checkpoint, else its resolved config, else its preset (or config
     file) with `pretrained` and `overrides`.
 
-    With a checkpoint, overrides may change what does not change the weights' shapes (e.g. `itc_weight`); one that
-    changes the architecture is refused, naming both.
+    With a checkpoint, which holds its architecture and weights, what would otherwise be ignored is refused, naming
+    both sides: a `model` of another architecture, and overrides other than `CHECKPOINT_SETTABLE`.
     """
     if ref.checkpoint is not None:
-        if ref.pretrained is not None:
-            raise ValueError("give either --checkpoint or --pretrained, not both")
-        matcher = load_checkpoint(resolve_checkpoint(ref.checkpoint), device=device)
-        if ref.overrides:
-            cfg = apply_overrides(matcher.cfg, ref.overrides)
-            if architecture(cfg) != architecture(matcher.cfg):
-                raise ValueError(
-                    f"--set {', '.join(f'{k}={v}' for k, v in ref.overrides.items())} would make {describe(cfg)}, "
-                    f"but checkpoint {ref.checkpoint} holds {describe(matcher.cfg)}"
-                )
-            matcher.cfg = cfg
-        return matcher
+        return _load_checkpoint_ref(ref, device)
     if ref.config is not None:
         return create_matcher(from_dict(MatcherCfg, ref.config), ref.pretrained, device, ref.overrides)
-    return create_matcher(ref.model, pretrained=ref.pretrained, device=device, overrides=ref.overrides)
+    model = ref.model or DEFAULT_MODEL
+    return create_matcher(model, pretrained=ref.pretrained, device=device, overrides=ref.overrides)
+
+
+# What `--set` may change on a checkpoint: its weights come from the file, so seeds, pretrained weights, precision and
+# initialisation choices would be silently ignored; only how the ranking score weighs ITC still applies.
+CHECKPOINT_SETTABLE = ("itc_weight",)
+
+
+def _load_checkpoint_ref(ref: ModelRef, device: str | torch.device) -> Matcher:
+    """The matcher of a reference naming a checkpoint, after checking `ref.model` and `ref.overrides` against it."""
+    if ref.pretrained is not None:
+        raise ValueError("give either --checkpoint or --pretrained, not both")
+    path = resolve_checkpoint(ref.checkpoint)
+    matcher = load_checkpoint(path, device=device)
+    if ref.model is not None and ref.config is None:  # a stored reference (`config` set) names its checkpoint's own
+        want = load_matcher_cfg(ref.model, ref.overrides)
+        if architecture(want) != architecture(matcher.cfg):
+            raise ValueError(
+                f"--model {ref.model} is {describe(want)}, but checkpoint {path} holds {describe(matcher.cfg)}; "
+                "drop --model (a checkpoint holds its own architecture)"
+            )
+    if ref.overrides:
+        cfg = apply_overrides(matcher.cfg, ref.overrides)
+        given = f"--set {', '.join(f'{k}={v}' for k, v in ref.overrides.items())}"
+        if architecture(cfg) != architecture(matcher.cfg):
+            raise ValueError(f"{given} would make {describe(cfg)}, but checkpoint {path} holds {describe(matcher.cfg)}")
+        ignored = [k for k in _changed_fields(matcher.cfg, cfg) if k not in CHECKPOINT_SETTABLE]
+        if ignored:
+            raise ValueError(
+                f"{given} cannot change checkpoint {path}: its weights come from the file, so {', '.join(ignored)} "
+                f"would be ignored; only {', '.join(CHECKPOINT_SETTABLE)} can be set on a checkpoint"
+            )
+        matcher.cfg = cfg
+    return matcher
+
+
+def _changed_fields(a: MatcherCfg, b: MatcherCfg) -> list[str]:
+    """Dotted names of the fields whose values differ between two configs."""
+
+    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return [k for k in fa if fa[k] != fb.get(k)]
 
 
 def pinned(ref: ModelRef, matcher: Matcher) -> ModelRef:
-    """`ref` as a manifest stores it: the checkpoint as an absolute path, the built matcher's config filled in (so the
-    reference rebuilds the same model wherever it is read and whatever became of a config file)."""
+    """`ref` as a manifest stores it: the checkpoint (and a local `pretrained` file) as an absolute path, the built
+    matcher's config filled in (so the reference rebuilds the same model wherever it is read and whatever became of a
+    config file)."""
     checkpoint = str(resolve_checkpoint(ref.checkpoint).resolve()) if ref.checkpoint else None
-    return dataclasses.replace(ref, checkpoint=checkpoint, config=to_dict(matcher.cfg), pretrained=None)
+    config = to_dict(matcher.cfg)
+    weights = config["encoder"].get("pretrained")
+    if weights and Path(weights).expanduser().is_file():
+        config["encoder"]["pretrained"] = str(Path(weights).expanduser().resolve())
+    return dataclasses.replace(ref, checkpoint=checkpoint, config=config, pretrained=None)
 
 
 def reference_name(ref: ModelRef) -> str:
     """How messages name the model of `ref`: its checkpoint, else its preset (and weights)."""
     if ref.checkpoint:
         return str(ref.checkpoint)
-    name = ref.config["name"] if ref.config else ref.model
+    name = ref.config["name"] if ref.config else ref.model or DEFAULT_MODEL
     pretrained = ref.config["encoder"]["pretrained"] if ref.config else ref.pretrained
     return name + (f" ({pretrained})" if pretrained else "")
 

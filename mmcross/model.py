@@ -42,6 +42,10 @@ class Scores:
     text_mask: torch.Tensor | None = None  # (B, L) bool, which rows of `attention` are real tokens
 
 
+class UntrainedHead(ValueError):
+    """A command that ranks or scores by ITM was given a matcher whose fusion and head no run has trained."""
+
+
 class Matcher(nn.Module):
     """Image-text matcher: dual-encoder embeddings (ITC) and fused match scores (ITM).
 
@@ -66,6 +70,9 @@ class Matcher(nn.Module):
         self.head = head
         self.cfg: MatcherCfg = cfg
         self.encoders_frozen = False
+        # optimiser steps in which the fusion and head learnt from the ITM loss (0: random init); None: unknown, a
+        # checkpoint written before mmcross recorded it, taken as trained so that old runs keep working
+        self.head_steps: int | None = 0
 
     # ---- training controls -------------------------------------------------------------------------------------
 
@@ -89,6 +96,12 @@ class Matcher(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that receive gradients (fusion and head, plus the encoders unless frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def head_trained(self) -> bool:
+        """Whether the fusion and match head were trained (or may have been: `head_steps` None), so ITM means
+        something; an untrained head scores pairs by the noise of its random init."""
+        return self.head_steps is None or self.head_steps > 0
 
     @property
     def device(self) -> torch.device:
@@ -208,6 +221,19 @@ class Matcher(nn.Module):
             return Scores(empty, empty, empty, empty)
         parts = [pairs(candidates.select(torch.arange(s, min(s + batch_size, k)))) for s in range(0, k, batch_size)]
         return Scores(**{n: torch.cat([getattr(p, n) for p in parts]) for n in ("itc", "itm_logit", "itm", "score")})
+
+    def head_info(self) -> dict[str, bool | int | None]:
+        """{"trained", "steps"}: what checkpoints, index manifests and eval reports record of the head's training."""
+        return {"trained": self.head_trained, "steps": self.head_steps}
+
+    def require_trained_head(self, what: str) -> None:
+        """Refuse `what` (e.g. "--rerank") when the head is untrained: it would rank by noise (`UntrainedHead`)."""
+        if not self.head_trained:
+            raise UntrainedHead(
+                f"{what} needs a trained match head, but the fusion and head of {self.cfg.name} are random init (no "
+                "training run trained them), so their scores are noise; pass --checkpoint RUN_DIR of a `mmcross "
+                "train` run, or --allow-untrained-head to use them anyway"
+            )
 
     def _query(self, query: str | torch.Tensor | Features) -> Features:
         if isinstance(query, ImageFeatures | TextFeatures):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcross.config import ModelRef
+from mmcross.config import ModelRef, to_dict
 from mmcross.encode import encode_query
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.index import search as backends
@@ -53,17 +53,58 @@ class Query:
         return self.text if self.text is not None else str(self.image)
 
 
-def check_fingerprint(index: IndexStore, fingerprint: str, model_name: str) -> None:
-    """Refuse a query model whose weights differ from the index's, naming both."""
-    manifest = index.manifest
-    if manifest["fingerprint"] != fingerprint:
-        from mmcross.factory import reference_name
+@dataclass
+class Answer:
+    """The hits of one query, or why it could not be searched (`reject`, e.g. an unreadable image; no hits then).
 
-        name = reference_name(ModelRef.from_dict(manifest["model"]))
-        raise ValueError(
-            f"index {index.root} was built with model {name} (fingerprint {manifest['fingerprint']}), but the query "
-            f"model is {model_name} (fingerprint {fingerprint}); embed queries with the index's model or rebuild it"
-        )
+    Unpacks as `(query, hits)`.
+    """
+
+    query: Query
+    hits: list[Hit]
+    reject: str | None = None
+
+    def __iter__(self):
+        return iter((self.query, self.hits))
+
+    def to_dict(self) -> dict:
+        out = {"query": self.query.label, "hits": [h.to_dict() for h in self.hits]}
+        return out if self.reject is None else {**out, "reject": self.reject}
+
+
+def check_fingerprint(index: IndexStore, fingerprint: str, model_name: str, config: dict | None = None) -> None:
+    """Refuse a query model whose weights differ from the index's, naming both and the config fields that differ
+    (`config`: the query model's `to_dict(MatcherCfg)`)."""
+    manifest = index.manifest
+    if manifest["fingerprint"] == fingerprint:
+        return
+    from mmcross.factory import reference_name
+
+    name = reference_name(ModelRef.from_dict(manifest["model"]))
+    query = "" if model_name == name else f" is {model_name}"
+    diffs = config_differences(manifest["model"].get("config"), config)
+    what = f"differs in {', '.join(diffs)}" if diffs else "has other weights (the same config)"
+    raise ValueError(
+        f"index {index.root} was built with model {name} (fingerprint {manifest['fingerprint']}), but the query "
+        f"model{query} (fingerprint {fingerprint}) {what}; embed queries with the index's model or rebuild the index"
+    )
+
+
+def config_differences(index_config: dict | None, query_config: dict | None, most: int = 4) -> list[str]:
+    """The fields two matcher configs disagree on, as `key (index VALUE, query VALUE)`, at most `most` (then a count).
+
+    Empty when either config is unknown (an index from before configs were recorded).
+    """
+    if not index_config or not query_config:
+        return []
+    import json
+
+    from mmcross.config import _flatten
+
+    a, b = (_flatten(json.loads(json.dumps(c))) for c in (index_config, query_config))  # tuples -> lists
+    keys = [k for k in sorted(a.keys() | b.keys()) if k != "description" and a.get(k) != b.get(k)]
+    out = [f"{k} (index {a.get(k)!r}, query {b.get(k)!r})" for k in keys[:most]]
+    return out + ([f"{len(keys) - most} more field(s)"] if len(keys) > most else [])
 
 
 class Retriever:
@@ -98,18 +139,20 @@ class Retriever:
             return backends.faiss_search(self._faiss[target], queries, k, self.nprobe)
         return backends.exact_search(vectors, queries, k)
 
-    def search(self, query: Query, target: str = "images", k: int = 10, rerank: int = 0) -> list[Hit]:
+    def search(
+        self, query: Query | ImageFeatures | TextFeatures, target: str = "images", k: int = 10, rerank: int = 0
+    ) -> list[Hit]:
         """Top-k hits of one query; with `rerank` > 0 the fusion head re-scores the top max(rerank, k) first.
 
         Args:
-            query: a caption or an image file.
+            query: a caption or an image file, or its features (`encode_query`).
             target: "images" or "captions" (any query kind may search either).
             k: hits returned.
             rerank: candidates re-ranked by the fusion head (0: dual encoder only).
         """
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
-        features = encode_query(self.matcher, query.text, query.image)
+        features = encode_query(self.matcher, query.text, query.image) if isinstance(query, Query) else query
         vector = features.pooled.numpy()  # (1, E)
         n_cand = max(k, rerank) if rerank else k
         itc, rows = self.candidates(vector, target, n_cand)
@@ -176,6 +219,28 @@ def _opt(values, i: int) -> float | None:
     return None if values is None else float(values[i])
 
 
+def dataset_root(index_dir: str | Path) -> Path:
+    """The folder an index's image paths are shown relative to: the `--image-root` it was built with, else its dataset
+    folder (or the folder of its dataset file)."""
+    from mmcross.index.store import read_manifest
+
+    manifest = read_manifest(index_dir)
+    root = Path((manifest.get("data") or {}).get("image_root") or manifest.get("dataset") or ".")
+    return root if root.is_dir() else root.parent
+
+
+def short_path(path: str | None, root: str | Path) -> str:
+    """`path` relative to `root` when it lies under it (unique within a dataset, and short), else as stored."""
+    import os
+
+    if not path:
+        return ""
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        return path
+
+
 def read_queries(path: str | Path) -> list[Query]:
     """Queries from a file: JSONL objects with "text" or "image" (a path), else one caption per line."""
     import json
@@ -223,10 +288,13 @@ def search_index(
     backend: str = "auto",
     nprobe: int | None = None,
     html: str | Path | None = None,
-) -> list[tuple[Query, list[Hit]]]:
+    allow_untrained_head: bool = False,
+) -> list[Answer]:
     """`mmcross search`: open an index, load its model (see `index_model`; or use `matcher`), check the weights'
     fingerprint against the index, run every query (one process, one load), and write the hits as an HTML gallery
-    to `html` when given."""
+    to `html` when given. A query that cannot be encoded (an unreadable image) gets an `Answer` with its `reject`
+    reason and no hits; the others are answered. `rerank` with a head no run has trained raises `UntrainedHead`
+    unless `allow_untrained_head`."""
     from mmcross.factory import load_matcher, model_fingerprint, reference_name
 
     if backend not in ("auto", "exact", "faiss"):
@@ -234,9 +302,18 @@ def search_index(
     index = IndexStore(index_dir)
     ref = index_model(index_dir, ref, overrides)
     matcher = matcher if matcher is not None else load_matcher(ref)
-    check_fingerprint(index, model_fingerprint(matcher), reference_name(ref))
+    check_fingerprint(index, model_fingerprint(matcher), reference_name(ref), to_dict(matcher.cfg))
+    if rerank and not allow_untrained_head:
+        matcher.require_trained_head("--rerank")
     retriever = Retriever(index, matcher, backend=backend, nprobe=nprobe)
-    results = [(q, retriever.search(q, target=target, k=k, rerank=rerank)) for q in queries]
+    results = []
+    for q in queries:
+        try:  # one unreadable query image (or empty caption) is reported, not the end of the batch
+            features = encode_query(matcher, q.text, q.image)
+        except (ValueError, FileNotFoundError) as err:
+            results.append(Answer(q, [], reject=str(err)))
+            continue
+        results.append(Answer(q, retriever.search(features, target=target, k=k, rerank=rerank)))
     if html is not None:
         from mmcross.report.gallery import write_search_gallery
 

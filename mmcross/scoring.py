@@ -1,33 +1,46 @@
 """Score a table of image-caption pairs, streaming: read a batch of rows, score it, write it, repeat.
 
-The output holds every input row and column, in order, plus `itc` (dual-encoder cosine), `itm` (fusion match
-probability), `score` (itm + itc_weight * itc) and `reason` (why a row has no scores: missing image, unreadable
-image, empty caption; empty for scored rows). Memory stays flat in the number of rows.
+The output holds every input row and column, in order, plus `input_row` (the input's 1-based data row),
+`itc` (dual-encoder cosine), `itm` (fusion match probability), `score` (itm + itc_weight * itc) and `reason` (why a
+row has no scores: missing image, unreadable image, empty caption; empty for scored rows; "untrained head" when no
+run trained the fusion head: such rows keep their itc and leave itm and score empty). A caption cell holding a
+list (a `captions` column of a JSONL manifest, a JSON list in a CSV cell) becomes one row per caption, each with its
+input row's `input_row` and other columns. The table is read by `mmcross.data.table` (the reader every command
+uses: delimiter and columns detected, invalid UTF-8 replaced and counted). Memory stays flat in the number of rows.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
+from mmcross.data import table
+from mmcross.data.records import ReadStats
 from mmcross.encode import encode_images, encode_texts, image_file_records
 from mmcross.model import Matcher
+from mmcross.progress import Progress
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-ADDED = ("itc", "itm", "score", "reason")
+FORMATS = table.SUFFIXES
+ADDED = ("input_row", "itc", "itm", "score", "reason")
 
 
 @dataclass
 class ScoreReport:
-    rows: int  # rows read (and written)
-    scored: int  # rows with scores
-    bad: int  # rows with a reason instead
+    rows: int  # input rows read
+    written: int  # output rows: one per caption (more than `rows` when caption cells hold lists)
+    scored: int  # output rows with scores
+    bad: int  # output rows with a reason instead
+    image_col: str = ""  # the columns used (named, or detected as `index` detects them)
+    caption_col: str = ""
+    stats: ReadStats = field(default_factory=ReadStats)  # invalid UTF-8 replaced, malformed JSONL lines skipped
+    head: bool = True  # itm and score written; False: the head is untrained, rows hold itc and "untrained head"
+
+
+UNTRAINED_HEAD = "untrained head"  # the reason of rows whose itm and score are left empty (`score_batch`)
 
 
 def _format(path: Path) -> str:
@@ -37,49 +50,18 @@ def _format(path: Path) -> str:
     return fmt
 
 
-def read_batches(path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of a CSV/TSV (all columns as strings), JSONL or Parquet file, streamed."""
-    fmt = _format(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no pairs file {path}")
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
-    elif fmt in ("csv", "tsv"):
-        import pyarrow.csv as pcsv
-
-        delimiter = "," if fmt == "csv" else "\t"
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f, delimiter=delimiter), None)
-        if not header:
-            raise ValueError(f"{path} is empty (no header row)")
-        reader = pcsv.open_csv(
-            path,
-            read_options=pcsv.ReadOptions(block_size=1 << 20),
-            parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pcsv.ConvertOptions(
-                column_types={name: pa.string() for name in header}, strings_can_be_null=False
-            ),
-        )
-        for batch in reader:
-            for start in range(0, batch.num_rows, batch_size):
-                yield batch.slice(start, batch_size)
-    else:
-        rows: list[dict] = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not JSON: {err}") from None
-                if len(rows) == batch_size:
-                    yield pa.RecordBatch.from_pylist(rows)
-                    rows = []
-        if rows:
-            yield pa.RecordBatch.from_pylist(rows)
+def expand_captions(batch: pa.RecordBatch, caption_col: str, first_row: int, csv_cells: bool) -> pa.RecordBatch:
+    """One row per caption of `batch` (a list cell gives several, an empty list one with no caption), with
+    `input_row` = `first_row` + the row's position in `batch` appended."""
+    take, captions = [], []
+    for i, cell in enumerate(batch.column(caption_col).to_pylist()):
+        texts = table.caption_list(cell, csv_cells) if cell is not None else [None]
+        for text in texts or [None]:
+            take.append(i)
+            captions.append(None if text is None else str(text))
+    out = batch.take(pa.array(take, pa.int64()))
+    out = out.set_column(out.schema.get_field_index(caption_col), caption_col, pa.array(captions, pa.string()))
+    return out.append_column("input_row", pa.array([first_row + i for i in take], pa.int64()))
 
 
 class _Writer:
@@ -124,8 +106,14 @@ class _Writer:
 
 
 @torch.inference_mode()
-def score_batch(matcher: Matcher, images: list, captions: list, image_root: Path) -> tuple[list, list, list, list]:
-    """(itc, itm, score, reason) lists for aligned image paths and captions; bad rows get None scores."""
+def score_batch(
+    matcher: Matcher, images: list, captions: list, image_root: Path, head: bool = True
+) -> tuple[list, list, list, list]:
+    """(itc, itm, score, reason) lists for aligned image paths and captions; bad rows get None scores.
+
+    With `head` False only itc is computed (the fusion is not run): itm and score stay None with the reason
+    "untrained head" (pretrained encoders alone give a meaningful itc, CLIPScore-style; a random head does not).
+    """
     n = len(images)
     itc, itm, score, reason = [None] * n, [None] * n, [None] * n, [None] * n
     rows, paths = [], []
@@ -144,6 +132,11 @@ def score_batch(matcher: Matcher, images: list, captions: list, image_root: Path
             continue
         good = [rows[pos] for pos in batch.indices]
         texts = encode_texts(matcher, [str(captions[i]).strip() for i in good], batch_size=len(good))
+        if not head:
+            cosines = (batch.features.pooled.float() * texts.pooled.float()).sum(-1)  # (B,)
+            for j, i in enumerate(good):
+                itc[i], reason[i] = float(cosines[j]), UNTRAINED_HEAD
+            continue
         s = matcher.score_pairs(batch.features, texts)
         for j, i in enumerate(good):
             itc[i], itm[i], score[i] = float(s.itc[j]), float(s.itm[j]), float(s.score[j])
@@ -156,9 +149,11 @@ def score_pairs(
     matcher: Matcher,
     *,
     image_root: str | Path | None = None,
-    image_col: str = "image",
-    caption_col: str = "caption",
+    image_col: str | None = None,
+    caption_col: str | None = None,
     batch_size: int = 64,
+    progress: bool = True,
+    allow_untrained_head: bool = False,
 ) -> ScoreReport:
     """Score every row of a pairs table into `out` (written under a temporary name, renamed when complete).
 
@@ -167,36 +162,62 @@ def score_pairs(
         out: .csv, .tsv, .jsonl or .parquet.
         matcher: the model.
         image_root: folder relative image paths resolve against (default: the pairs file's folder).
-        image_col: the image-path column.
-        caption_col: the caption column.
+        image_col: the image-path column (default: detected, as `mmcross.data.table` does for every command).
+        caption_col: the caption column (default: detected); a cell may hold a list of captions.
         batch_size: rows per read and per forward pass.
+        progress: show progress on stderr (a bar on a terminal, a line every ~30 s otherwise).
+        allow_untrained_head: write itm and score even when no run trained the head (else they stay empty, with
+            the reason "untrained head", and `report.head` is False).
     """
     pairs, out = Path(pairs), Path(out)
     _format(out)
+    _format(pairs)
+    if not pairs.is_file():
+        raise FileNotFoundError(f"no pairs file {pairs}")
+    image_col, caption_col = table.pick_columns(table.header(pairs)[0], image_col, caption_col, pairs)
+    csv_cells = FORMATS[pairs.suffix.lower()] in ("csv", "tsv")
     root = Path(image_root) if image_root is not None else pairs.parent
+    report = ScoreReport(0, 0, 0, 0, image_col, caption_col, head=matcher.head_trained or allow_untrained_head)
     writer = _Writer(out)
-    rows = bad = 0
     try:
-        for batch in read_batches(pairs, batch_size):
-            names = batch.schema.names
-            for col in (image_col, caption_col):
-                if col not in names:
-                    raise ValueError(f"{pairs} has no column {col!r}; columns: {', '.join(names)}")
-            clash = [c for c in ADDED if c in names]
-            if clash:
-                raise ValueError(f"{pairs} already has column(s) {', '.join(clash)}, which score would add")
-            itc, itm, score, reason = score_batch(
-                matcher, batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist(), root
-            )
-            arrays = [*batch.columns, pa.array(itc, pa.float64()), pa.array(itm, pa.float64())]
-            arrays += [pa.array(score, pa.float64()), pa.array(reason, pa.string())]
-            writer.write(pa.RecordBatch.from_arrays(arrays, names=[*names, *ADDED]))
-            rows += batch.num_rows
-            bad += sum(r is not None for r in reason)
+        with Progress(table.count_rows(pairs), "scoring", "rows", enabled=progress) as bar:
+            for batch in table.read_batches(pairs, report.stats, batch_size=batch_size):
+                _check_columns(batch.schema.names, image_col, caption_col, pairs)
+                expanded = expand_captions(batch, caption_col, report.rows + 1, csv_cells)
+                for start in range(0, expanded.num_rows, batch_size):
+                    part = expanded.slice(start, batch_size)
+                    scored = _scored(matcher, part, image_col, caption_col, root, report.head)
+                    writer.write(scored)
+                    report.bad += scored.num_rows - scored.column("reason").null_count
+                report.rows += batch.num_rows
+                report.written += expanded.num_rows
+                bar.advance(batch.num_rows)
     except BaseException:
         writer.close(keep=False)
         raise
     writer.close()
-    if rows == 0:
+    if report.rows == 0:
         raise ValueError(f"{pairs} has no rows")
-    return ScoreReport(rows, rows - bad, bad)
+    report.scored = report.written - report.bad
+    return report
+
+
+def _check_columns(names: list[str], image_col: str, caption_col: str, pairs: Path) -> None:
+    for col in (image_col, caption_col):
+        if col not in names:
+            raise ValueError(f"{pairs} has no column {col!r}; columns: {', '.join(names)}")
+    clash = [c for c in ADDED if c in names]
+    if clash:
+        raise ValueError(f"{pairs} already has column(s) {', '.join(clash)}, which score would add")
+
+
+def _scored(
+    matcher: Matcher, batch: pa.RecordBatch, image_col: str, caption_col: str, root: Path, head: bool = True
+) -> pa.RecordBatch:
+    """`batch` with the itc, itm, score and reason columns appended (itc only when not `head`)."""
+    itc, itm, score, reason = score_batch(
+        matcher, batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist(), root, head
+    )
+    arrays = [*batch.columns, pa.array(itc, pa.float64()), pa.array(itm, pa.float64())]
+    arrays += [pa.array(score, pa.float64()), pa.array(reason, pa.string())]
+    return pa.RecordBatch.from_arrays(arrays, names=[*batch.schema.names, *ADDED[1:]])

@@ -76,7 +76,9 @@ def test_eval_cli_writes_clip_benchmark_json(tmp_path):
     manifest = make_shapes(tmp_path / "data", n_train=2, n_dev=6)
     out = tmp_path / "results.json"
     res = CliRunner().invoke(
-        app, ["eval", str(manifest), "--split", "dev", "--model", "tiny", "--rerank", "4", "--out", str(out)]
+        app,
+        ["eval", str(manifest), "--split", "dev", "--model", "tiny", "--rerank", "4", "--out", str(out)]
+        + ["--allow-untrained-head"],  # random init: the test is of the protocol, not of a trained head
     )
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())

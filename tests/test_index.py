@@ -71,13 +71,18 @@ def test_search_text_image_rerank_and_score_end_to_end(built, dataset, tmp_path,
     out = _invoke(["search", str(built), "--image", str(image), "--k", "2", "--json"]).output
     assert json.loads(out)["hits"][0]["image_id"] == "img003.jpg"  # an image finds itself first
 
-    out = _invoke(["search", str(built), "--text", "a red circle", "--k", "3", "--rerank", "8", "--json"]).output
-    hits = json.loads(out)["hits"]
+    # a random-init head re-ranks only when asked to (a test of the arithmetic, not of ranking quality)
+    args = ["search", str(built), "--text", "a red circle", "--k", "3", "--rerank", "8", "--json"]
+    assert "--allow-untrained-head" in runner.invoke(app, args).output
+    hits = json.loads(_invoke([*args, "--allow-untrained-head"]).output)["hits"]
     assert all(h["itm"] is not None for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     for h in hits:
         assert h["score"] == pytest.approx(h["itm"] + h["itc"], abs=1e-5)
-    out = _invoke(["search", str(built), "--image", str(image), "--target", "captions", "--rerank", "5", "--json"])
+    out = _invoke(
+        ["search", str(built), "--image", str(image), "--target", "captions", "--rerank", "5", "--json"]
+        + ["--allow-untrained-head"]
+    )
     assert len(json.loads(out.output)["hits"]) == 10
     table = _invoke(["search", str(built), "--text", "a blue square", "--k", "2", "--html", str(tmp_path / "h.html")])
     assert "rank" in table.output and (tmp_path / "h.html").read_text().count("<img") == 2
@@ -89,6 +94,7 @@ def test_search_text_image_rerank_and_score_end_to_end(built, dataset, tmp_path,
     )
     _invoke(
         ["score", str(pairs), "--out", str(tmp_path / "s.parquet"), "--model", "tiny", "--image-root", str(dataset)]
+        + ["--allow-untrained-head"]
     )
     rows = pq.read_table(tmp_path / "s.parquet").to_pylist()
     assert [r["id"] for r in rows] == ["1", "2", "3", "4"] and rows[3]["caption"] == "a blue, circle"
@@ -184,7 +190,7 @@ def test_no_images_and_no_captions(tmp_path, tiny_matcher, dataset):
     store = IndexStore(tmp_path / "i")
     assert store.text_emb is None and store.img_emb.shape == (12, 128)
     with pytest.raises(ValueError, match="no token cache"):
-        search_index(tmp_path / "i", [Query(text="red")], matcher=tiny_matcher, rerank=5)
+        search_index(tmp_path / "i", [Query(text="red")], matcher=tiny_matcher, rerank=5, allow_untrained_head=True)
 
 
 def _direct_hits(dataset, matcher, caption: str, k: int, rerank: int) -> tuple[list[int], list[float]]:
@@ -218,16 +224,13 @@ def test_search_rebuilds_the_model_that_built_the_index(dataset, tmp_path, how):
     _invoke(["index", str(dataset), "--out", str(out), *model_args, "--shard-size", "5", "-j", "0"])
     if how == "config_file":
         path.unlink()  # the manifest holds the resolved config, not only the file's name
-    hits = json.loads(
-        _invoke(["search", str(out), "--text", "a red circle", "--k", "3", "--rerank", "8", "--json"]).output
-    )
+    rerank = ["--rerank", "8", "--json", "--allow-untrained-head"]
+    hits = json.loads(_invoke(["search", str(out), "--text", "a red circle", "--k", "3", *rerank]).output)
     ids, scores = _direct_hits(dataset, matcher, "a red circle", 3, 8)
     assert [h["corpus_id"] for h in hits["hits"]] == ids
     assert [h["score"] for h in hits["hits"]] == pytest.approx(scores, abs=2e-2)  # tokens are stored in float16
     # --set goes on top of the index's model: a ranking weight is accepted, another architecture is refused
-    again = _invoke(
-        ["search", str(out), "--text", "a red circle", "--k", "3", "--rerank", "8", "--json", "--set", "itc_weight=0"]
-    ).output
+    again = _invoke(["search", str(out), "--text", "a red circle", "--k", "3", *rerank, "--set", "itc_weight=0"]).output
     assert all(h["score"] == pytest.approx(h["itm"]) for h in json.loads(again)["hits"])
     refused = runner.invoke(app, ["search", str(out), "--text", "x", "--set", "fusion.dim=16"])
     assert refused.exit_code == 2 and "fingerprint" in refused.output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from mmcross.progress import Progress
 
 
@@ -32,5 +34,24 @@ def test_plain_lines_are_rate_limited():
     with Progress(1000, "embedding", "images", interval_s=3600, stream=stream) as bar:
         for _ in range(100):
             bar.advance(10)
+    assert stream.getvalue() == ""  # a job shorter than the interval leaves no line, not even a final one
+    clock = [0.0]
+    with Progress(1000, "embedding", "images", interval_s=30, stream=stream, clock=lambda: clock[0]) as bar:
+        for _ in range(100):
+            clock[0] += 1.0  # 1 s per 10 images: a line at 30 s, 60 s, 90 s, then the final one
+            bar.advance(10)
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("embedding: 1,000/1,000 images")  # only the final line
+    assert [line.split(" images")[0] for line in lines] == [
+        f"embedding: {n}/1,000" for n in ("300", "600", "900", "1,000")
+    ]
+    assert "ETA 0:01:10" in lines[0] and "done in 100s" in lines[-1]
+
+
+def test_interval_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MMCROSS_PROGRESS_INTERVAL", "0.5")
+    assert Progress(1, "x", stream=io.StringIO()).interval_s == 0.5
+    monkeypatch.delenv("MMCROSS_PROGRESS_INTERVAL")
+    assert Progress(1, "x", stream=io.StringIO()).interval_s == 30.0
+    monkeypatch.setenv("MMCROSS_PROGRESS_INTERVAL", "soon")
+    with pytest.raises(ValueError, match="MMCROSS_PROGRESS_INTERVAL must be a number"):
+        Progress(1, "x", stream=io.StringIO())

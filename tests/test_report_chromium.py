@@ -61,6 +61,7 @@ def test_search_gallery_renders_in_chromium_without_console_errors(tmp_path):
     assert result.exit_code == 0, result.output
     page = tmp_path / "gallery.html"
     args = ["search", str(index), "--text", "<script>alert(1)</script> a red circle", "--k", "5", "--rerank", "6"]
+    args += ["--allow-untrained-head"]  # random init: the page is tested, not the head
     result = CliRunner().invoke(app, [*args, "--html", str(page)])
     assert result.exit_code == 0, result.output
     png = Path(os.environ.get("MMCROSS_SCREENSHOT") or tmp_path / "gallery.png")

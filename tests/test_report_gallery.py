@@ -93,6 +93,7 @@ def tiny_index(tmp_path_factory):
 def test_search_html_end_to_end(tiny_index, tmp_path):
     html = tmp_path / "hits.html"
     args = ["search", str(tiny_index), "--text", XSS, "--k", "4", "--rerank", "6", "--html", str(html)]
+    args += ["--allow-untrained-head"]  # random init: the page is tested, not the head
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     page = html.read_text(encoding="utf-8")

@@ -49,6 +49,7 @@ def test_eval_writes_recall_curve_and_failures_gallery(tmp_path):
     manifest = make_shapes(tmp_path / "shapes", n_train=2, n_dev=6, size=32)
     out, html = tmp_path / "eval" / "results.json", tmp_path / "fail.html"
     args = ["eval", str(manifest), "--split", "dev", "--model", "tiny", "-k", "3", "--out", str(out)]
+    args += ["--allow-untrained-head"]  # random init: the re-ranked order is only drawn
     result = CliRunner().invoke(app, [*args, "--html", str(html)])
     assert result.exit_code == 0, result.output
     assert "failures" not in json.loads(out.read_text())

@@ -219,3 +219,109 @@ def test_uniform_share_outside_zero_one_is_a_clear_error(shapes, tmp_path):
     with pytest.raises(ValueError, match=r"share in \[0, 1\]"):
         fit(_run(shapes, itm_uniform_negatives=1.5), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+class Killed(Exception):
+    """Stands for kill -9 at one point of a checkpoint write (fit never catches it)."""
+
+
+def _die_in_commit(monkeypatch, how: str) -> None:
+    """Make the step-4 checkpoint commit die as a kill -9 there would leave it: "weights" half way through
+    last.safetensors.tmp, "state" half way through state.safetensors.tmp (the weights' .tmp whole), "json" half way
+    through state.json.tmp, "renaming" after last.safetensors was renamed into place but before the state was."""
+    import mmcross.train.state as state
+
+    def truncate(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    if how == "weights":
+        real_write = state.write_checkpoint_file
+
+        def write(matcher, path, metadata=None):
+            real_write(matcher, path, metadata)
+            if metadata["step"] == "4":
+                truncate(path)
+                raise Killed
+
+        monkeypatch.setattr(state, "write_checkpoint_file", write)
+    elif how in ("state", "json"):
+        real_save = state.save_state
+
+        def save(run_dir, optimizer, scheduler, loss, info, rename=True):
+            real_save(run_dir, optimizer, scheduler, loss, info, rename)
+            if info["step"] == 4:
+                if how == "state":  # state.json.tmp is written after the tensors: a kill here leaves none
+                    truncate(run_dir / "state.safetensors.tmp")
+                    (run_dir / "state.json.tmp").unlink()
+                else:
+                    truncate(run_dir / "state.json.tmp")
+                raise Killed
+
+        monkeypatch.setattr(state, "save_state", save)
+    else:
+        real_replace = Path.replace
+
+        def replace(self, target):
+            if Path(target).name == "state.safetensors":
+                if json.loads(self.with_name("state.json.tmp").read_text())["step"] == 4:
+                    raise Killed
+            return real_replace(self, target)
+
+        monkeypatch.setattr(Path, "replace", replace)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    fit(_run(shapes, ckpt_every=2), run_dir, progress=False)
+    return run_dir
+
+
+# a kill while a checkpoint is written leaves the previous one whole; a kill between its renames is finished on resume
+@pytest.mark.parametrize(("how", "resumed_from"), [("weights", 2), ("state", 2), ("json", 2), ("renaming", 4)])
+def test_kill_during_a_checkpoint_write_then_resume_equals_uninterrupted(
+    shapes, uninterrupted, tmp_path, monkeypatch, how, resumed_from
+):
+    cfg, run_dir = _run(shapes, ckpt_every=2), tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _die_in_commit(patch, how)
+        with pytest.raises(Killed):
+            fit(cfg, run_dir, progress=False)
+    assert list(run_dir.glob("*.tmp"))  # what the kill left behind
+    resumed = fit(cfg, run_dir, resume=True, progress=False)
+    assert [e["step"] for e in resumed.losses] == list(range(resumed_from + 1, 7))
+    assert not list(run_dir.glob("*.tmp"))
+    full = load_checkpoint(uninterrupted / "last.safetensors").state_dict()
+    got = load_checkpoint(run_dir / "last.safetensors").state_dict()
+    assert all(torch.allclose(full[k], got[k], atol=1e-4) for k in full)
+    assert [e["loss"] for e in _log(run_dir)] == pytest.approx([e["loss"] for e in _log(uninterrupted)], rel=1e-5)
+
+
+def test_checkpoints_record_the_steps_that_trained_the_head(shapes, tmp_path):
+    from mmcross.factory import checkpoint_metadata
+
+    fit(_run(shapes, max_steps=2), tmp_path / "itm", progress=False)
+    meta = checkpoint_metadata(tmp_path / "itm" / "last.safetensors")
+    assert (meta["head_trained"], meta["head_steps"]) == ("true", "2")
+    # itm_weight 0: the head never learns, so the dev evaluation does not re-rank by it and the checkpoint says so
+    result = fit(
+        _run(shapes, max_steps=2, itm_weight=0, eval_split="dev", eval_rerank_k=4), tmp_path / "itc", progress=False
+    )
+    meta = checkpoint_metadata(tmp_path / "itc" / "last.safetensors")
+    assert (meta["head_trained"], meta["head_steps"]) == ("false", "0")
+    assert result.eval["rerank_metrics"] is None and result.eval["rerank_skipped"] == "untrained head"
+    assert not load_checkpoint(tmp_path / "itc" / "best.safetensors").head_trained
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_steps", 0, "max_steps must be at least 1"),
+        ("max_steps", -5, "at least 1"),
+        ("lr", -1, "lr must be positive"),
+    ],
+)
+def test_bad_numbers_are_refused_before_the_run(shapes, tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        fit(_run(shapes, **{key: value}), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

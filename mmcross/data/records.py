@@ -16,9 +16,18 @@ from pathlib import Path
 SPLITS = ("train", "dev", "test")
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev", "test": "test"}
 UNASSIGNED = "unassigned"  # how reports name records that no split lists
+ALL = "all"  # the `--split` (and `train.split`) that reads every record, those without a split included
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # folders that hold a dataset's images, by the names Flickr8k, Flickr30k and their mirrors use
 IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
+
+
+class NothingReadable(ValueError):
+    """A job found no usable record or image at all (every one missing, unreadable or rejected): exit status 1."""
+
+    def __init__(self, message: str, rejects: list[Reject] | None = None):
+        super().__init__(message)
+        self.rejects = rejects or []  # why each image was unusable, for the job's rejects.jsonl
 
 
 @dataclass
@@ -77,16 +86,16 @@ class ReadStats:
 
 
 def normalise_split(name: object, strict: bool = True) -> str | None:
-    """train / dev / test from any common spelling (val, validation -> dev); None for None or empty.
+    """train / dev / test from any common spelling (val, validation -> dev); None for None, empty or `all`.
 
     Unknown names raise ValueError when `strict` (a user's `--split`), else give None (a dataset's own labels).
     """
-    if name is None or not str(name).strip():
+    if name is None or not str(name).strip() or str(name).strip().lower() == ALL:
         return None
     key = str(name).strip().lower()
     if key not in SPLIT_ALIASES:
         if strict:
-            raise ValueError(f"unknown split {name!r}; use train, dev (alias val) or test")
+            raise ValueError(f"unknown split {name!r}; use train, dev (alias val), test, or all (every record)")
         return None
     return SPLIT_ALIASES[key]
 

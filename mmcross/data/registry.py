@@ -8,6 +8,7 @@ may hold the Karpathy JSON that gives its splits).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from types import ModuleType
 
 from mmcross.config import DataCfg
 from mmcross.data import coco, flickr, folder, karpathy, table, wds
-from mmcross.data.records import ReadStats, Record, normalise_split
+from mmcross.data.records import ALL, UNASSIGNED, ReadStats, Record, normalise_split
 
 READERS: dict[str, ModuleType] = {m.NAME: m for m in (flickr, karpathy, coco, table, folder, wds)}
 DETECT_ORDER = ("wds", "flickr", "karpathy", "coco", "table", "folder")
@@ -46,15 +47,28 @@ class Dataset:
     reason: str  # why this reader: "chosen with --format" or what auto-detection found
     cfg: DataCfg
     stats: ReadStats = field(default_factory=ReadStats)
+    splits: Counter = field(default_factory=Counter)  # records with captions per split seen by the last pass
 
     def records(self) -> Iterator[Record]:
         """The records of the chosen split (all records when no split is set), streamed from the reader."""
-        self.stats = ReadStats()
+        self.stats, self.splits = ReadStats(), Counter()
         split = normalise_split(self.cfg.split)
         source = self.path if self.format == "wds" else Path(self.path)
         for record in READERS[self.format].read(source, self.cfg, self.stats):
+            if record.captions:
+                self.splits[record.split or UNASSIGNED] += 1
             if split is None or record.split == split:
                 yield record
+
+    def nothing_in_split(self, option: str = "--split") -> str:
+        """Why a full pass gave no record with captions: the split asked for, those the data has, and the `option`
+        (`--split`, `train.split`) that reads every record."""
+        split = normalise_split(self.cfg.split)
+        if split is None or not self.splits:
+            return f"{self.path} has no images with captions"
+        held = ", ".join(f"{name} {n:,}" for name, n in self.splits.most_common())
+        every = f"{option} {ALL}" if option.startswith("--") else f"{option}={ALL}"
+        return f"{self.path} has no images with captions in split {split!r} (it has {held}); {every} reads every record"
 
 
 def open_dataset(path: str | Path, cfg: DataCfg | None = None) -> Dataset:

@@ -7,9 +7,14 @@
   `sentences`, `raw`. A cell is one caption or a list of captions (in CSV/TSV, a JSON list such as `["a", "b"]`).
 - Optional columns: `split` (train / dev / val / test) and `image_id`.
 - A row per pair or a row per image: rows naming the same image (and split) become one record, in first-seen order.
-- CSV delimiter: comma, or TAB when the header has more tabs than commas (open_clip's default separator is TAB).
+- CSV delimiter: sniffed (`csv.Sniffer`) among comma, TAB, semicolon and bar from the first lines; `.tsv` is TAB.
+  A `.csv` that `mmcross data convert --to csv` wrote (TAB, as open_clip's loader reads) is read as it was written.
+- Invalid UTF-8 in a cell is replaced by U+FFFD and counted (`ReadStats.invalid_utf8`); the row is kept.
 - A folder argument reads every table in it; a table named `train.csv`, `dev.jsonl`, ... gives its rows that split
   when they have no `split` column (the layout `mmcross data convert --to csv` writes).
+
+Every command reads tables here: the dataset reader (`read`: rows grouped into records, for index, eval, train,
+validate, convert) and `read_batches` (every row and column as Arrow record batches, for `score`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow as pa
 
 from mmcross.config import DataCfg
 from mmcross.data.records import (
@@ -36,6 +43,8 @@ SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
 IMAGE_COLS = ("image", "filepath", "image_path", "file_name", "filename", "path", "img")
 CAPTION_COLS = ("caption", "captions", "title", "text", "sentences", "raw")
 _SKIP = ("rejects",)  # files a job writes beside its outputs, never data
+DELIMITERS = ",\t;|"
+_SNIFF_BYTES = 64 * 1024  # enough lines for the sniffer to see which delimiter every line shares
 
 
 @dataclass
@@ -60,6 +69,11 @@ def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what:
     )
 
 
+def pick_columns(names: list[str], image_col: str | None, caption_col: str | None, path: Path) -> tuple[str, str]:
+    """(image column, caption column): the named ones (which must exist), else the first recognised name of each."""
+    return _pick(names, image_col, IMAGE_COLS, "image", path), _pick(names, caption_col, CAPTION_COLS, "caption", path)
+
+
 def _columns(names: list[str], cfg: DataCfg, path: Path) -> _Columns:
     return _Columns(
         image=_pick(names, cfg.image_col, IMAGE_COLS, "image", path),
@@ -69,9 +83,31 @@ def _columns(names: list[str], cfg: DataCfg, path: Path) -> _Columns:
     )
 
 
-def _header(path: Path) -> tuple[list[str], str]:
-    """Column names of a table file, read cheaply, and the CSV delimiter."""
-    kind = SUFFIXES[path.suffix.lower()]
+def sniff_delimiter(path: Path) -> str:
+    """The delimiter of a CSV file, by `csv.Sniffer` on its first lines; TAB for `.tsv`.
+
+    When the sniffer cannot tell (a single column, one line), the header decides: TAB when it has more tabs than
+    commas, else comma.
+    """
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    with open(path, "rb") as handle:
+        sample = handle.read(_SNIFF_BYTES)
+    text = sample.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    if len(sample) == _SNIFF_BYTES and "\n" in text:
+        text = text[: text.rindex("\n")]  # whole lines only
+    try:
+        return csv.Sniffer().sniff(text, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        first = text.split("\n", 1)[0]
+        return "\t" if first.count("\t") > first.count(",") else ","
+
+
+def header(path: Path) -> tuple[list[str], str]:
+    """Column names of a table file, read cheaply, and its CSV delimiter ("," for JSONL and Parquet)."""
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unknown table type {path.suffix!r}; use {', '.join(SUFFIXES)}")
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -86,8 +122,77 @@ def _header(path: Path) -> tuple[list[str], str]:
         if not isinstance(row, dict):
             raise ValueError(f"{path.name}: the first line is not a JSON object, so the columns are unknown")
         return list(row), ","
-    delimiter = "\t" if kind == "tsv" or first.count("\t") > first.count(",") else ","
+    if not first.strip():
+        raise ValueError(f"{path} is empty (no header row)")
+    delimiter = sniff_delimiter(path)
     return next(csv.reader([first], delimiter=delimiter), []), delimiter
+
+
+def read_batches(
+    path: Path, stats: ReadStats, *, batch_size: int = 1024, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Every row of a table file as Arrow record batches of at most `batch_size` rows, streamed.
+
+    CSV/TSV cells are strings (empty cells ""), invalid UTF-8 replaced and counted in `stats`; malformed JSONL lines
+    become rejects in `stats`. `columns` limits what is read (default: every column).
+    """
+    kind = SUFFIXES[path.suffix.lower()]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+    elif kind == "jsonl":
+        rows: list[dict] = []
+        for _, row in _jsonl_rows(path, stats):
+            rows.append({k: row.get(k) for k in columns} if columns else row)
+            if len(rows) == batch_size:
+                yield pa.RecordBatch.from_pylist(rows)
+                rows = []
+        if rows:
+            yield pa.RecordBatch.from_pylist(rows)
+    else:
+        yield from _csv_batches(path, stats, batch_size, columns)
+
+
+def _csv_batches(path: Path, stats: ReadStats, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    import pyarrow.csv as pcsv
+
+    names, delimiter = header(path)
+    reader = pcsv.open_csv(
+        path,
+        read_options=pcsv.ReadOptions(block_size=1 << 20),
+        parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+        # bytes first, so one line of invalid UTF-8 is replaced and counted instead of failing the whole file
+        convert_options=pcsv.ConvertOptions(
+            include_columns=columns or [], column_types={name: pa.binary() for name in names}
+        ),
+    )
+    for batch in reader:
+        decoded = pa.RecordBatch.from_arrays([_utf8(c, stats) for c in batch.columns], names=batch.schema.names)
+        for start in range(0, decoded.num_rows, batch_size):
+            yield decoded.slice(start, batch_size)
+
+
+def _utf8(column: pa.Array, stats: ReadStats) -> pa.Array:
+    """A binary column as strings: Arrow's validating cast, else cell by cell with replacement (and a count)."""
+    try:
+        return column.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([None if v is None else decode_text(v, stats) for v in column.to_pylist()], pa.string())
+
+
+def count_rows(path: Path) -> int:
+    """Rows of a table file for a progress total: exact for Parquet, lines (less a CSV header) otherwise."""
+    if SUFFIXES[path.suffix.lower()] == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    lines, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    lines += last != b"\n"  # a last line without its newline
+    return max(lines - (SUFFIXES[path.suffix.lower()] in ("csv", "tsv")), 0)
 
 
 def _tables(folder: Path) -> list[Path]:
@@ -100,7 +205,7 @@ def _tables(folder: Path) -> list[Path]:
 
 def _recognised(path: Path, cfg: DataCfg) -> bool:
     try:
-        _columns(_header(path)[0], cfg, path)
+        _columns(header(path)[0], cfg, path)
         return True
     except (ValueError, OSError, ImportError):
         return False
@@ -120,30 +225,20 @@ def detect(path: Path) -> str | None:
 def _rows(path: Path, stats: ReadStats, cfg: DataCfg) -> tuple[_Columns, Iterator[tuple[int, dict]]]:
     """Column choice and (line, row) pairs; CSV/TSV cells are decoded here (invalid UTF-8 replaced and counted)."""
     kind = SUFFIXES[path.suffix.lower()]
-    names, delimiter = _header(path)
-    cols = _columns(names, cfg, path)
+    cols = _columns(header(path)[0], cfg, path)
     if kind == "jsonl":
         return cols, _jsonl_rows(path, stats)
     wanted = [c for c in (cols.image, cols.caption, cols.split, cols.image_id) if c]
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+    first = 2 if kind in ("csv", "tsv") else 1  # a CSV's line 1 is the header
 
-        table = pq.read_table(path, columns=wanted)
-        return cols, ((number, row) for number, row in enumerate(table.to_pylist(), start=1))
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
+    def rows() -> Iterator[tuple[int, dict]]:
+        number = first
+        for batch in read_batches(path, stats, columns=wanted):
+            for row in batch.to_pylist():
+                yield number, row
+                number += 1
 
-    table = pcsv.read_csv(
-        path,
-        parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        convert_options=pcsv.ConvertOptions(include_columns=wanted, column_types={c: pa.binary() for c in wanted}),
-    )
-
-    def decoded() -> Iterator[tuple[int, dict]]:
-        for number, row in enumerate(table.to_pylist(), start=2):  # line 1 is the header
-            yield number, {k: None if v is None else decode_text(v, stats) for k, v in row.items()}
-
-    return cols, decoded()
+    return cols, rows()
 
 
 def _jsonl_rows(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
@@ -161,7 +256,8 @@ def _jsonl_rows(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-def _caption_list(cell: object, csv_cell: bool) -> list[object]:
+def caption_list(cell: object, csv_cell: bool) -> list[object]:
+    """The captions of a cell: a list (JSON text in a CSV cell, a list in JSONL or Parquet), or the one caption."""
     if isinstance(cell, str) and csv_cell and cell.lstrip().startswith("["):
         try:
             parsed = json.loads(cell)
@@ -202,7 +298,7 @@ def read_file(path: Path, cfg: DataCfg, stats: ReadStats, file_split: str | None
         if record is None:
             record = records[key] = Record(image_id, [], split, record_path, data, path.name)
         record.lines.append(number)
-        for text in _caption_list(row.get(cols.caption), csv_cell):
+        for text in caption_list(row.get(cols.caption), csv_cell):
             caption = clean_caption(text, stats, path, image_id=image_id, line=number)
             if caption is not None:
                 record.captions.append(caption)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from mmcross import __version__
 from mmcross.config import DataCfg, ModelRef, to_dict
-from mmcross.data.records import Record
+from mmcross.data.records import NothingReadable, Record
 from mmcross.data.registry import open_dataset
 from mmcross.dist import barrier, join, rank_from_env
 from mmcross.encode import encode_images, encode_texts
@@ -97,6 +98,7 @@ def _plan(root: Path, opts: BuildOptions, job: dict) -> tuple[dict, int]:
         return old, old["first_shard"]
     if opts.append:
         manifest = store.read_manifest(root)
+        store.check_index(root, manifest)
         for key in ("fingerprint", "embed_images", "embed_captions", "cache_tokens"):
             if manifest[key] != job[key]:
                 raise ValueError(f"--append with another {key}: the index has {manifest[key]!r}, not {job[key]!r}")
@@ -145,12 +147,14 @@ def build_index(
     opts = dataclasses.replace(opts, rank=rank, world_size=world_size)
     start = time.perf_counter()
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {root} is a file; an index is a folder (give a new or existing index folder)")
     data_cfg = data_cfg or DataCfg()
     ds = open_dataset(dataset, data_cfg)
     fingerprint = model_fingerprint(matcher)
     job = {
-        "dataset": str(dataset),
-        "data": to_dict(data_cfg),
+        "dataset": _portable(dataset),
+        "data": {**to_dict(data_cfg), "image_root": data_cfg.image_root and _portable(data_cfg.image_root)},
         "fingerprint": fingerprint,
         "model": to_dict(pinned(ref or ModelRef(model=matcher.cfg.name), matcher)),
         "embed_images": opts.images,
@@ -158,11 +162,14 @@ def build_index(
         "cache_tokens": opts.cache_tokens,
         "shard_size": opts.shard_size,
         "faiss": opts.faiss,
+        "head": matcher.head_info(),  # whether `search --rerank` has a trained head to re-rank with
     }
     job, first_shard = _plan(root, opts, job)
     root.mkdir(parents=True, exist_ok=True)
 
     records = list(ds.records())
+    if not records and not job["base_shards"]:
+        raise ValueError(ds.nothing_in_split())
     if job["base_shards"]:
         held = _existing_ids(root, job["base_shards"])
         records = [r for r in records if r.image_id not in held]
@@ -173,27 +180,56 @@ def build_index(
     if opts.rank == 0 and not opts.resume:
         store.atomic_write_json(root / store.BUILD, job)
     all_shards = list(range(first_shard, first_shard + n_shards))
-    done = set(store.done_shards(root))
+    notes: list[str] = []
+    done = _sound_shards(root, job, notes) if opts.resume else set(store.done_shards(root))
     mine = [n for n in all_shards if n % opts.world_size == opts.rank and n not in done]
     images_done = _embed_shards(root, matcher, records, first_shard, mine, ds.format, data_cfg, opts)
     seconds = time.perf_counter() - start
 
     complete = _finish(root, job, ds.stats.rejects, opts)
     rate = images_done / max(seconds, 1e-9)
-    report = BuildReport(str(root), ds.format, len(mine), 0, 0, 0, seconds, rate, complete, rank, world_size)
+    report = BuildReport(str(root), ds.format, len(mine), 0, 0, 0, seconds, rate, complete, rank, world_size, notes)
     if complete:
         manifest = store.read_manifest(root)
         report.images, report.captions, report.rejects = manifest["images"], manifest["captions"], manifest["rejects"]
+        if opts.images and report.images == 0:  # an index of nothing is not a success (exit 1), though written
+            why = f"{report.rejects:,} reject(s): {root / 'rejects.jsonl'}"
+            raise NothingReadable(f"no image of {dataset} could be read ({why})")
     else:
         report.notes.append("other ranks still have shards to build; the last one writes the manifest")
     return report
+
+
+def _portable(location: str | Path) -> str:
+    """A local path made absolute, so an index names the same file whatever folder it is read from; URLs and
+    `pipe:` commands as given."""
+    text = str(location)
+    return text if "://" in text or text.startswith("pipe:") else os.path.abspath(text)
+
+
+def _sound_shards(root: Path, job: dict, notes: list[str]) -> set[int]:
+    """The done shards whose files match their done markers: a damaged shard of this job is rebuilt (noted in
+    `notes`); one of an earlier job (before --append) cannot be, and is refused."""
+    sound = set()
+    for n, marker in sorted(store.done_shards(root).items()):
+        problems = store.shard_problems(root, n, marker, job)
+        if not problems:
+            sound.add(n)
+        elif n in job["base_shards"]:
+            raise store.DamagedIndex(
+                f"index {root} is damaged: {problems[0]}, in shard {n}, which an earlier job built (before --append); "
+                f"--resume cannot rebuild it: build the index again in a new folder"
+            )
+        else:
+            notes.append(f"shard {n} was damaged ({'; '.join(problems)}): rebuilt")
+    return sound
 
 
 def _records_table(records: list[Record], with_path: bool = True) -> pa.Table:
     return pa.table(
         {
             "image_id": pa.array([r.image_id for r in records], pa.string()),
-            "path": pa.array([str(r.path) if r.path is not None else r.where for r in records], pa.string()),
+            "path": pa.array([_portable(r.path) if r.path is not None else r.where for r in records], pa.string()),
             "split": pa.array([r.split for r in records], pa.string()),
             "caption": pa.array([r.captions[0] if r.captions else None for r in records], pa.string()),
         }
@@ -302,7 +338,10 @@ def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> 
     if not all(n in markers for n in n_records_shards):
         return False
     shards = sorted(set(job["base_shards"]) | set(n_records_shards))
-    counts = {str(n): {"images": markers[n]["images"], "captions": markers[n]["captions"]} for n in shards}
+    counts = {
+        str(n): {"images": markers[n]["images"], "captions": markers[n]["captions"], "records": markers[n]["records"]}
+        for n in shards
+    }
     rejects = [r.to_json() for r in reader_rejects] if not job["base_shards"] else []
     old_rejects = root / "rejects.jsonl"
     lines = old_rejects.read_text().splitlines() if job["base_shards"] and old_rejects.is_file() else []
@@ -321,7 +360,9 @@ def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> 
         "mmcross_version": __version__,
         "model": job["model"],
         "fingerprint": job["fingerprint"],
+        "head": job.get("head"),  # {"trained", "steps"} of the fusion head; None: a job begun before it was kept
         "dataset": job["dataset"],
+        "data": job["data"],
         "images": sum(c["images"] for c in counts.values()),
         "captions": sum(c["captions"] for c in counts.values()),
         "rejects": len(lines),

@@ -145,6 +145,89 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+class DamagedIndex(ValueError):
+    """An index whose shard files are missing, short or unreadable."""
+
+
+def npy_rows(path: Path) -> int:
+    """Rows of a `.npy` file from its header alone; ValueError when the file is shorter than its header says."""
+    with open(path, "rb") as f:
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except (ValueError, EOFError) as err:
+            raise ValueError(f"is not a readable .npy file ({err})") from None
+        need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise ValueError(f"is truncated ({size:,} of {need:,} bytes)")
+    return int(shape[0]) if shape else 0
+
+
+def parquet_rows(path: Path) -> int:
+    """Rows of a parquet file from its footer; ValueError when the footer cannot be read."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"is not a readable parquet file ({err})") from None
+
+
+def expected_files(counts: dict, flags: dict) -> dict[tuple[str, str], int | None]:
+    """The files a shard must hold, {(kind, suffix): rows (None = not known)}, from its counts (images, captions,
+    records) and the job's flags (embed_images, embed_captions, cache_tokens)."""
+    images, captions = counts.get("images", 0), counts.get("captions", 0)
+    out: dict[tuple[str, str], int | None] = {}
+    if flags["embed_images"]:
+        out[("metadata", "parquet")] = out[("img_emb", "npy")] = images
+        if flags["cache_tokens"] and images:  # an empty shard writes no token file
+            out[("img_tokens", "npy")] = images
+    else:
+        out[("metadata", "parquet")] = counts.get("records")
+    if flags["embed_captions"]:
+        out[("text_metadata", "parquet")] = out[("text_emb", "npy")] = captions
+        if flags["cache_tokens"] and captions:
+            out[("text_tokens", "npy")] = out[("text_mask", "npy")] = captions
+    return out
+
+
+def shard_problems(root: Path, n: int, counts: dict, flags: dict) -> list[str]:
+    """What is wrong with shard `n`'s files (missing, unreadable, truncated, other row counts); empty when sound.
+
+    Reads only `.npy` headers and parquet footers, so checking a large index costs a few reads per shard.
+    """
+    problems = []
+    for (kind, suffix), rows in expected_files(counts, flags).items():
+        path = shard_path(root, kind, n, suffix)
+        name = path.relative_to(root).as_posix()
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            found = npy_rows(path) if suffix == "npy" else parquet_rows(path)
+        except ValueError as err:
+            problems.append(f"{name} {err}")
+            continue
+        if rows is not None and found != rows:
+            problems.append(f"{name} has {found:,} rows, not {rows:,}")
+    return problems
+
+
+def check_index(root: Path, manifest: dict) -> None:
+    """Refuse an index whose files do not match its manifest (see `shard_problems`), naming the first problem."""
+    problems = []
+    for n in manifest["shards"]:
+        problems += shard_problems(root, n, manifest["shard_counts"][str(n)], manifest)
+    problems += [f"{rel} is missing" for rel in manifest.get("faiss", {}).values() if not (root / rel).is_file()]
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        dataset = manifest.get("dataset", "DATASET")
+        raise DamagedIndex(
+            f"index {root} is damaged: {problems[0]}{more}; rebuild the damaged shards with "
+            f"`mmcross index {dataset} --out {root} --resume` and the options that built it"
+        )
+
+
 def concat_npy(root: Path, kind: str, shards: list[int], mmap: bool = False) -> np.ndarray | None:
     parts = [shard_path(root, kind, n, "npy") for n in shards]
     parts = [p for p in parts if p.is_file()]
@@ -160,6 +243,7 @@ class IndexStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        check_index(self.root, self.manifest)
         self.shards: list[int] = sorted(self.manifest["shards"])
         self._img_emb: np.ndarray | None = None
         self._text_emb: np.ndarray | None = None

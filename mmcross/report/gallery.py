@@ -41,6 +41,7 @@ _SEARCH = """<!doctype html>
 <section class="query" data-query="{{ loop.index }}">
 <h2>{% if q.thumb %}<img src="{{ q.thumb }}" alt="query image" style="height:60px;vertical-align:middle"> {% endif %}
 {{ q.label }}</h2>
+{% if q.reject %}<p class="meta reject">not searched: {{ q.reject }}</p>{% endif %}
 <ol class="row hits">
 {% for h in q.hits %}
 <li class="card hit" data-rank="{{ h.rank }}" value="{{ h.rank }}">
@@ -133,12 +134,14 @@ def search_gallery(results: Sequence[tuple[Any, Sequence[Any]]], *, title: str =
 
     Args:
         results: (query, hits) pairs as `mmcross.retrieval.search_index` returns them (a query has `label` and
-            `image`; a hit `rank`, `score`, `itc`, `itm`, `image_id`, `caption`, `path`).
+            `image`; a hit `rank`, `score`, `itc`, `itm`, `image_id`, `caption`, `path`; a result's `reject`, when
+            it has one, says why its query was not searched).
         title: page title.
     """
     thumbs = _Thumbs()
     queries = []
-    for query, hits in results:
+    for result in results:
+        query, hits = result
         rows = [
             {
                 "rank": h.rank,
@@ -152,7 +155,8 @@ def search_gallery(results: Sequence[tuple[Any, Sequence[Any]]], *, title: str =
             for h in sorted(hits, key=lambda h: h.rank)
         ]
         image = getattr(query, "image", None)
-        queries.append({"label": query.label, "thumb": thumbs(image) if image else None, "hits": rows})
+        thumb = thumbs(image) if image else None
+        queries.append({"label": query.label, "thumb": thumb, "hits": rows, "reject": getattr(result, "reject", None)})
     reranked = any(h.itm is not None for _, hits in results for h in hits)
     note = (
         "score = itm + itc_weight * itc (fusion re-ranked)" if reranked else "score = itc (dual-encoder cosine)"

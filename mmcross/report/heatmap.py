@@ -62,6 +62,7 @@ class Explanation:
     words: list[WordMap]
     out: Path | None  # the PNG written
     size: tuple[int, int]  # its (width, height)
+    head_trained: bool = True  # False: no run trained the fusion and head, so itm and the maps are random init's
 
 
 def combine_attention(attention: list[torch.Tensor], layer: int | None = -1) -> torch.Tensor:
@@ -176,13 +177,18 @@ def explain(
         matcher: a `mmcross.model.Matcher`.
         image: the image file.
         caption: the caption.
-        out: PNG to write (None: compute only).
+        out: PNG to write (None: compute only); must end in .png.
         layer: cross layer whose head-mean is shown (default the last); None averages all cross layers.
         panel: side of each panel in pixels.
+
+    An untrained head is not refused (the maps show what a random fusion attends to) but said: in the PNG's header
+    and in `Explanation.head_trained`.
     """
     from mmcross.data.images import load_rgb
     from mmcross.encoders import token_strings
 
+    if out is not None:
+        check_png_path(out)
     if not caption.strip():
         raise ValueError("empty caption")
     path = Path(image)
@@ -202,6 +208,20 @@ def explain(
     size = (0, 0)
     if out is not None:
         how = {None: "mean of all cross layers", -1: "last cross layer"}.get(layer, f"cross layer {layer}")
-        header = f"{caption}\nitc {itc:.3f}  itm {itm:.3f}  score {score:.3f}   ({how}, mean over heads; (share))"
+        untrained = "" if matcher.head_trained else "UNTRAINED HEAD (random init)  "  # first: never cut off
+        scores = f"itc {itc:.3f}  itm {itm:.3f}  score {score:.3f}"
+        header = f"{caption}\n{untrained}{scores}   ({how}, mean over heads; (share))"
         size = render_heatmap(rgb, words, out, panel=panel, header=header)
-    return Explanation(itc, itm, score, words, Path(out) if out is not None else None, size)
+    return Explanation(itc, itm, score, words, Path(out) if out is not None else None, size, matcher.head_trained)
+
+
+UNTRAINED_NOTE = "untrained head: no run trained the fusion and head; itm, score and the maps are random init's"
+
+
+def check_png_path(out: str | Path) -> None:
+    """Refuse an output that is a folder or not named .png, before any work (the file written is always a PNG)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the PNG file to write, e.g. {out / 'heat.png'}")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: explain writes a PNG, so the name must end in .png (e.g. {out.stem}.png)")

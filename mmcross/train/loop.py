@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
-from mmcross.data.records import Record, RejectLog
+from mmcross.data.records import NothingReadable, Record, Reject, RejectLog, normalise_split
 from mmcross.dist import any_rank, setup_training, world
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.losses import LossWeights, MatchingLoss
@@ -24,7 +24,16 @@ from mmcross.model import Matcher
 from mmcross.progress import Progress
 from mmcross.train.optim import optimizer_and_schedule, set_trainable
 from mmcross.train.plan import BatchSource, MicroBatch, mix_seed
-from mmcross.train.state import CONFIG_FILE, LOG_FILE, STATE_JSON, load_state, save_state, truncate_log
+from mmcross.train.state import (
+    CONFIG_FILE,
+    LOG_FILE,
+    STATE_JSON,
+    load_state,
+    nothing_to_resume,
+    recover,
+    save_checkpoint_and_state,
+    truncate_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,7 @@ class FitResult:
     matcher: Matcher | None = None  # the trained model (this process's copy)
     stopped_by: str = "max_steps"  # "max_steps": the whole budget ran; "max_minutes": the safety stop fired first
     loss_curve: Path | None = None  # loss.png in the run directory (`train_from_config`, rank 0)
+    rejects: int = 0  # training images and caption rows that could not be used (rank 0: in RUN_DIR/rejects.jsonl)
 
 
 class TrainModule(nn.Module):
@@ -79,19 +89,41 @@ class TrainModule(nn.Module):
         return self.loss(self.matcher, image, text, pair_text, known, itm_rows)
 
 
-def read_records(path: str, fmt: str, split: str | None) -> list[Record]:
+def read_records(path: str, fmt: str, split: str | None, option: str = "train.split") -> tuple[list[Record], list]:
+    """(records with captions, the reader's rejects: empty captions, malformed rows) of one split of `path`."""
     from mmcross.data.registry import open_dataset
 
-    records = [r for r in open_dataset(path, DataCfg(format=fmt, split=split)).records() if r.captions]
+    ds = open_dataset(path, DataCfg(format=fmt, split=split))
+    records = [r for r in ds.records() if r.captions]
     if not records:
-        raise ValueError(f"{path} has no images with captions in split {split!r}")
-    return records
+        raise ValueError(ds.nothing_in_split(option))
+    return records, ds.stats.rejects
+
+
+# numeric settings with a floor, checked by `check_cfg` before anything is built (not a traceback after the run)
+MIN_VALUES = {
+    "max_steps": 1,
+    "accum_steps": 1,
+    "warmup_steps": 0,
+    "eval_every": 0,
+    "ckpt_every": 0,
+    "log_every": 0,
+    "eval_rerank_k": 0,
+    "eval_max_images": 1,
+    "last_n_blocks": 0,
+}
+NON_NEGATIVE = ("encoder_lr", "weight_decay", "grad_clip", "max_minutes", "itc_weight", "itm_weight", "vse_weight")
 
 
 def check_cfg(cfg: TrainCfg) -> None:
     """Refuse settings that cannot go together, before anything is built."""
     if not cfg.data:
         raise ValueError("no training data: set train.data in the run config or --set train.data=PATH")
+    for key in ("split", "eval_split"):  # eval_split None (none) means no evaluation; `all` is every record
+        try:
+            normalise_split(getattr(cfg, key))
+        except ValueError as err:
+            raise ValueError(f"train.{key}: {err}") from None
     if cfg.feature_cache and cfg.trainable != "fusion":
         raise ValueError("train.feature_cache needs train.trainable=fusion (frozen encoders)")
     if cfg.batch_size < 2:
@@ -107,6 +139,15 @@ def check_cfg(cfg: TrainCfg) -> None:
         raise ValueError("train.dataset_negatives is not supported with train.feature_cache")
     if cfg.dataset_negatives and cfg.captions_per_image > 1:
         raise ValueError("train.dataset_negatives needs train.captions_per_image=1")
+    for name, low in MIN_VALUES.items():
+        if getattr(cfg, name) < low:
+            raise ValueError(f"train.{name} must be at least {low}, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:  # also NaN
+        raise ValueError(f"train.lr must be positive, got {cfg.lr}")
+    for name in NON_NEGATIVE:
+        value = getattr(cfg, name)
+        if value is not None and not value >= 0:
+            raise ValueError(f"train.{name} must be 0 or more, got {value}")
 
 
 def dataset_negatives(cfg: TrainCfg) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
@@ -141,6 +182,7 @@ class Run:
     best: float | None = None
     last_eval: dict[str, Any] | None = None
     losses: list[dict[str, float]] = field(default_factory=list)
+    head_learns: bool = False  # the steps train the match head (ITM loss on, head trainable): counted in head_steps
 
     @property
     def is_main(self) -> bool:
@@ -149,14 +191,18 @@ class Run:
 
 def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
     """Open the process group, check and prepare the run directory, build (or reload) the model and optimiser."""
-    from mmcross.factory import LAST_CHECKPOINT, load_checkpoint, load_matcher
+    from mmcross.factory import LAST_CHECKPOINT, checkpoint_metadata, load_checkpoint, load_matcher
 
     cfg = run.train
     start_time = time.perf_counter()
     rank, size, device = setup_training(cfg.device)
     last_path = run_dir / LAST_CHECKPOINT
-    if resume and not (last_path.is_file() and (run_dir / STATE_JSON).is_file()):
-        raise FileNotFoundError(f"nothing to resume in {run_dir}: no {LAST_CHECKPOINT} with {STATE_JSON}")
+    if rank == 0 and run_dir.is_dir():
+        recover(run_dir)  # a checkpoint commit a kill interrupted: finished or discarded
+    if size > 1:
+        dist.barrier()
+    if resume and (problem := nothing_to_resume(run_dir)):
+        raise FileNotFoundError(problem)
     if not resume and rank == 0 and (last_path.exists() or (run_dir / LOG_FILE).exists()):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if rank == 0:
@@ -193,9 +239,16 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
         )
     optimizer, scheduler = optimizer_and_schedule(module, cfg)
     state = Run(cfg, run_dir, rank, size, device, matcher, loss, module, model, optimizer, scheduler, start_time)
+    # the head learns in a step only from the ITM loss, and only where its weights train
+    state.head_learns = cfg.itm_weight > 0 and any(p.requires_grad for p in matcher.head.parameters())
     if resume:
         doc = load_state(run_dir, optimizer, scheduler, loss, device)
         state.step, state.best = doc["step"], doc.get("best")
+        saved = checkpoint_metadata(last_path).get("step")
+        if saved != str(state.step):
+            raise ValueError(
+                f"cannot resume {run_dir}: {LAST_CHECKPOINT} is of step {saved} but {STATE_JSON} of step {state.step}"
+            )
         truncate_log(run_dir / LOG_FILE, state.step)
     return state
 
@@ -206,11 +259,13 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
     torch.manual_seed(mix_seed(cfg.seed, r.step, r.rank, 3))  # dropout and hard negatives of this step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r.device.type == "cuda" else nullcontext()
     sums: dict[str, float] = {}
+    used = False  # did any micro-batch of this step reach the losses
     for a in range(cfg.accum_steps):
         mb: MicroBatch = next(batches)
         if mb.n < 2:
             log.warning("skipping a micro-batch with %d usable images", mb.n)
             continue
+        used = True
         sync = r.size == 1 or a == cfg.accum_steps - 1
         with nullcontext() if sync else r.model.no_sync(), autocast:
             if isinstance(mb.images, ImageFeatures):
@@ -228,6 +283,8 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
     r.scheduler.step()
     r.optimizer.zero_grad(set_to_none=True)
     r.step += 1
+    if used and r.head_learns and r.matcher.head_steps is not None:
+        r.matcher.head_steps += 1  # recorded in every checkpoint: `search --rerank` refuses a head never trained
     now = time.perf_counter()
     return {
         "step": r.step,
@@ -243,13 +300,14 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
 def evaluate_and_checkpoint(r: Run, eval_records: list[Record], log_file, final: bool) -> None:
     """Dev evaluation (best.safetensors keeps the best) and last.safetensors + state, when their turn has come."""
     from mmcross.evaluate import evaluate
-    from mmcross.factory import LAST_CHECKPOINT, save_checkpoint
+    from mmcross.factory import save_checkpoint
 
     cfg = r.cfg
     if eval_records and ((cfg.eval_every and r.step % cfg.eval_every == 0) or final):
-        r.last_eval = evaluate(
-            r.matcher, eval_records, cfg.eval_rerank_k, batch_size=cfg.batch_size, workers=cfg.workers
-        )
+        k = cfg.eval_rerank_k if r.matcher.head_trained else 0  # e.g. itm_weight 0: its head would rank by noise
+        r.last_eval = evaluate(r.matcher, eval_records, k, batch_size=cfg.batch_size, workers=cfg.workers)
+        if k < cfg.eval_rerank_k:
+            r.last_eval["rerank_skipped"] = "untrained head"
         key = "rerank_metrics" if r.last_eval["rerank_metrics"] else "metrics"
         score = r.last_eval[key]["rsum"]
         if r.best is None or score > r.best:
@@ -260,8 +318,8 @@ def evaluate_and_checkpoint(r: Run, eval_records: list[Record], log_file, final:
         r.module.train()
     if (cfg.ckpt_every and r.step % cfg.ckpt_every == 0) or final:
         if r.is_main:
-            save_checkpoint(r.matcher, r.run_dir / LAST_CHECKPOINT, {"step": str(r.step)})
-            save_state(r.run_dir, r.optimizer, r.scheduler, r.loss, {"step": r.step, "best": r.best})
+            info = {"step": r.step, "best": r.best}
+            save_checkpoint_and_state(r.run_dir, r.matcher, r.optimizer, r.scheduler, r.loss, info)
         if r.size > 1:
             dist.barrier()
 
@@ -287,13 +345,19 @@ def fit(
     check_cfg(cfg)
     negative_of, also_true = dataset_negatives(cfg)
     r = start_run(run, Path(run_dir), resume)
-    records = read_records(cfg.data, cfg.format, cfg.split)
+    records, read_rejects = read_records(cfg.data, cfg.format, cfg.split)
     eval_records: list[Record] = []
     if cfg.eval_split and r.is_main:
-        eval_records = read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split)[: cfg.eval_max_images]
-    source = BatchSource(r.matcher, records, cfg, r.rank, r.size, negative_of, also_true)
-    if r.is_main and source.rejects:
-        RejectLog(r.run_dir).write(source.rejects)
+        eval_records = read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split, "train.eval_split")[0]
+        eval_records = eval_records[: cfg.eval_max_images]
+    rejects = RejectLog(r.run_dir) if r.is_main else None  # every job records what it could not use
+    _log_rejects(rejects, read_rejects)
+    try:
+        source = BatchSource(r.matcher, records, cfg, r.rank, r.size, negative_of, also_true)
+    except NothingReadable as err:
+        _log_rejects(rejects, err.rejects)
+        raise
+    _log_rejects(rejects, source.new_rejects())
     batches = source.batches(r.step * cfg.accum_steps, (cfg.max_steps - r.step) * cfg.accum_steps)
     bar = Progress(cfg.max_steps, "train", "steps", enabled=progress and r.is_main, done=r.step)
     log_file = (r.run_dir / LOG_FILE).open("a") if r.is_main else None
@@ -302,9 +366,16 @@ def fit(
     r.module.train()
     try:
         while r.step < cfg.max_steps:
-            entry = train_step(r, batches, source.plan.per_epoch, window)
+            try:
+                entry = train_step(r, batches, source.plan.per_epoch, window)
+            except NothingReadable as err:
+                _log_rejects(rejects, err.rejects)
+                raise
+            _log_rejects(rejects, source.new_rejects())  # streamed: met while loading this step's images
             r.losses.append(entry)
-            bar.update(r.step, f"loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
+            # a step whose micro-batches were all skipped (too few images loaded) has no loss
+            loss = f"loss {entry['loss']:.4f}" if "loss" in entry else "no usable batch"
+            bar.update(r.step, f"{loss} lr {entry['lr']:.2e}")
             if log_file and (r.step % max(cfg.log_every, 1) == 0 or r.step == cfg.max_steps):
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
@@ -327,7 +398,14 @@ def fit(
             log_file.close()
         bar.close()
     seconds = time.perf_counter() - r.start_time
-    return FitResult(r.run_dir, r.step, seconds, r.best, r.last_eval, r.losses, r.matcher, stopped_by)
+    result = FitResult(r.run_dir, r.step, seconds, r.best, r.last_eval, r.losses, r.matcher, stopped_by)
+    result.rejects = rejects.count if rejects is not None else len(source.rejects)
+    return result
+
+
+def _log_rejects(log_: RejectLog | None, rejects: list[Reject]) -> None:
+    if log_ is not None and rejects:
+        log_.write(rejects)
 
 
 def train_from_config(
@@ -341,6 +419,8 @@ def train_from_config(
     """`mmcross train`: defaults < YAML run config < `--set` overrides, then `fit`, then loss.png from its log."""
     from mmcross.config import load_run_cfg
 
+    if resume and (problem := nothing_to_resume(Path(run_dir))):
+        raise FileNotFoundError(problem)  # before the config checks, which a run folder without one would fail
     run = load_run_cfg(config, overrides)
     if resume:
         saved = Path(run_dir) / CONFIG_FILE

@@ -22,7 +22,7 @@ import torch
 from mmcross.config import DataCfg, TrainCfg
 from mmcross.data.decoded import DecodedImages, augment_batch, default_cache_dir
 from mmcross.data.loader import collate, load_item
-from mmcross.data.records import Record, Reject, caption_key
+from mmcross.data.records import NothingReadable, Record, Reject, caption_key
 from mmcross.dist import barrier
 from mmcross.encode import encode_records, encode_texts
 from mmcross.features import ImageFeatures, TextFeatures
@@ -250,14 +250,18 @@ class FeatureCache:
     first_caption: torch.Tensor  # (N,) index in `texts` of each image's first caption
     captions: list[str]  # the captions of `texts`, in order
     good: torch.Tensor  # (N,) bool, image decoded
+    rejects: list[Reject]  # why the other images did not
+
+
+_NONE_DECODED = "none of the training images of {} could be read (why: rejects.jsonl in the run folder)"
 
 
 def build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: TrainCfg) -> FeatureCache:
     """Encode every training image (eval transform) and caption once."""
     try:
         encoded = encode_records(matcher, records, batch_size=cfg.batch_size, workers=cfg.workers)
-    except ValueError:
-        raise ValueError("no training image could be decoded") from None
+    except NothingReadable as err:
+        raise NothingReadable(_NONE_DECODED.format(cfg.data), err.rejects) from None
     good = torch.zeros(len(records), dtype=torch.bool)
     good[encoded.indices] = True
     pooled = encoded.features.pooled.new_zeros(len(records), *encoded.features.pooled.shape[1:])
@@ -268,7 +272,7 @@ def build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: TrainC
     texts = encode_texts(matcher, captions, batch_size=4 * cfg.batch_size).to(device)
     counts = torch.tensor([len(r.captions) for r in records])
     first = torch.cumsum(counts, 0) - counts
-    return FeatureCache(ImageFeatures(pooled, tokens).to(device), texts, first, captions, good)
+    return FeatureCache(ImageFeatures(pooled, tokens).to(device), texts, first, captions, good, encoded.rejects)
 
 
 @dataclass
@@ -307,19 +311,29 @@ class BatchSource:
     ):
         self.matcher, self.cfg, self.rank = matcher, cfg, rank
         self.negative_of, self.also_true = negative_of, also_true
-        self.rejects: list[Reject] = []
+        self.rejects: list[Reject] = []  # every image found unusable so far (streamed: as the batches meet them)
+        self._rejected: set[int] = set()  # streamed: positions in `records` already in `rejects`
+        self._reported = 0  # how many of `rejects` `new_rejects` has handed out
         self.cache = build_feature_cache(matcher, records, cfg) if cfg.feature_cache else None
+        if self.cache is not None:
+            self.rejects = list(self.cache.rejects)
         self.decoded = decode_cache(matcher, records, cfg, rank, size)
         if self.decoded is not None:
             self.rejects = self.decoded.rejects
             self.decoded_rows = np.flatnonzero(self.decoded.ok)  # training records are the images that decoded
             records = [records[i] for i in self.decoded_rows]
             if not records:
-                raise ValueError(f"none of the training images of {cfg.data} could be decoded (see rejects.jsonl)")
+                raise NothingReadable(_NONE_DECODED.format(cfg.data), self.rejects)
             self.mean, self.std = normalisation(matcher.image_encoder.preprocess)
         self.records = records
         counts = [len(r.captions) for r in records]
         self.plan = EpochPlan(len(records), counts, cfg.batch_size, size, cfg.seed, cfg.captions_per_image)
+
+    def new_rejects(self) -> list[Reject]:
+        """The rejects found since the last call (all of them at the first), for the run's rejects.jsonl."""
+        new = self.rejects[self._reported :]
+        self._reported = len(self.rejects)
+        return new
 
     def batches(self, first: int, count: int) -> Iterator[MicroBatch]:
         """Global micro-batches first, first + 1, ... (`count` of them when streaming from files)."""
@@ -384,6 +398,7 @@ class BatchSource:
             persistent_workers=False,
         )
         for batch, planned in loader:
+            self._note_rejects(batch.rejects)
             if batch.pixels is None:
                 yield MicroBatch(None, None, 0, None, None)
                 continue
@@ -394,3 +409,12 @@ class BatchSource:
             image_rows = None if self.plan.per_image == 1 else torch.tensor([k for k, _ in kept])
             tokens = self.matcher.tokenize(captions)
             yield MicroBatch(batch.pixels, tokens, len(captions), *self._labelled(rows, captions), image_rows)
+
+    def _note_rejects(self, rejects: list[tuple[int, Reject]]) -> None:
+        """Keep each streamed reject once (an image is met every epoch); stop when no training image is usable."""
+        for image, reject in rejects:
+            if image not in self._rejected:
+                self._rejected.add(image)
+                self.rejects.append(reject)
+        if len(self._rejected) == len(self.records):
+            raise NothingReadable(_NONE_DECODED.format(self.cfg.data), self.rejects[self._reported :])

@@ -8,13 +8,79 @@ from typing import Any
 
 import torch
 
+from mmcross.factory import LAST_CHECKPOINT, write_checkpoint_file
 from mmcross.losses import MatchingLoss
+from mmcross.model import Matcher
 
 STATE_TENSORS, STATE_JSON, LOG_FILE, CONFIG_FILE = "state.safetensors", "state.json", "log.jsonl", "config.json"
 
 
-def save_state(run_dir: Path, optimizer, scheduler, loss: MatchingLoss, info: dict[str, Any]) -> None:
-    """Optimiser tensors, temperature and RNG state to state.safetensors; everything else to state.json."""
+# One checkpoint commit, in rename order: the weights, then the optimiser state, and state.json last.
+COMMIT = (LAST_CHECKPOINT, STATE_TENSORS, STATE_JSON)
+
+
+def _tmp(run_dir: Path, name: str) -> Path:
+    return run_dir / (name + ".tmp")
+
+
+def save_checkpoint_and_state(
+    run_dir: Path, matcher: Matcher, optimizer, scheduler, loss: MatchingLoss, info: dict[str, Any]
+) -> None:
+    """last.safetensors, state.safetensors and state.json as one commit that a kill cannot leave half done.
+
+    All three are written under temporary names first, state.json.tmp last, so a complete state.json.tmp means the
+    other two are complete; then they are renamed in `COMMIT` order. A kill while writing leaves the previous
+    commit whole (`recover` deletes the temporary files); a kill between renames leaves a complete state.json.tmp,
+    from which `recover` finishes the renames. `info` needs "step".
+    """
+    write_checkpoint_file(matcher, _tmp(run_dir, COMMIT[0]), {"step": str(info["step"])})
+    save_state(run_dir, optimizer, scheduler, loss, info, rename=False)
+    for name in COMMIT:
+        _tmp(run_dir, name).replace(run_dir / name)
+
+
+def recover(run_dir: Path) -> None:
+    """Finish or discard the checkpoint commit a kill interrupted (see `save_checkpoint_and_state`)."""
+    complete = _complete_json(_tmp(run_dir, STATE_JSON))
+    for name in COMMIT:
+        tmp = _tmp(run_dir, name)
+        if tmp.is_file():
+            if complete:
+                tmp.replace(run_dir / name)
+            else:
+                tmp.unlink()
+    _tmp(run_dir, "best.safetensors").unlink(missing_ok=True)  # a best checkpoint cut short (the old one stands)
+
+
+def _complete_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def nothing_to_resume(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot be resumed (no committed checkpoint, e.g. a run that failed before its first), or None."""
+    if (run_dir / COMMIT[0]).is_file() and (run_dir / STATE_JSON).is_file():
+        return None
+    if _complete_json(_tmp(run_dir, STATE_JSON)):  # a commit `recover` will finish
+        return None
+    if not run_dir.is_dir():
+        return f"nothing to resume: {run_dir} does not exist; run without --resume to start a run there"
+    return (
+        f"nothing to resume in {run_dir}: no checkpoint was written (no {COMMIT[0]} with {STATE_JSON}; the run "
+        "failed or was stopped before its first checkpoint); run without --resume to start it again"
+    )
+
+
+def save_state(
+    run_dir: Path, optimizer, scheduler, loss: MatchingLoss, info: dict[str, Any], rename: bool = True
+) -> None:
+    """Optimiser tensors, temperature and RNG state to state.safetensors; everything else to state.json.
+
+    With `rename` False both stay under their temporary names (`save_checkpoint_and_state` renames them).
+    """
     from safetensors.torch import save_file
 
     opt = optimizer.state_dict()
@@ -31,11 +97,12 @@ def save_state(run_dir: Path, optimizer, scheduler, loss: MatchingLoss, info: di
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     doc = {**info, "param_groups": opt["param_groups"], "optim_plain_state": plain_state, "scheduler": sched}
-    tmp_t, tmp_j = run_dir / (STATE_TENSORS + ".tmp"), run_dir / (STATE_JSON + ".tmp")
+    tmp_t, tmp_j = _tmp(run_dir, STATE_TENSORS), _tmp(run_dir, STATE_JSON)
     save_file(tensors, str(tmp_t))
     tmp_j.write_text(json.dumps(doc, indent=1))
-    tmp_t.replace(run_dir / STATE_TENSORS)
-    tmp_j.replace(run_dir / STATE_JSON)
+    if rename:
+        tmp_t.replace(run_dir / STATE_TENSORS)
+        tmp_j.replace(run_dir / STATE_JSON)
 
 
 def load_state(run_dir: Path, optimizer, scheduler, loss: MatchingLoss, device) -> dict[str, Any]:

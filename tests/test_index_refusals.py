@@ -1,0 +1,149 @@
+"""What `index` and `search` refuse or report instead of answering wrongly: damaged indexes, unreadable queries,
+indexes read from another folder, and tables that show whole paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from index_helpers import make_dataset
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from mmcross.factory import create_matcher, save_checkpoint
+
+runner = CliRunner()
+BUILD = ["--model", "tiny", "--shard-size", "5", "-j", "0"]
+
+
+def _invoke(args, code: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"), n=12)
+
+
+@pytest.fixture(scope="module")
+def clean(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "index"
+    _invoke(["index", dataset, "--out", out, *BUILD])
+    return out
+
+
+def _hits(index, *extra):
+    out = _invoke(["search", index, "--text", "a red circle", "--k", "50", "--json", *extra]).stdout
+    return json.loads(out)["hits"]
+
+
+def _same_hits(a, b):
+    """Equal hits; scores within float32 noise (a shard embedded alone batches differently)."""
+    strip = [{k: v for k, v in h.items() if k not in ("score", "itc")} for h in a]
+    assert strip == [{k: v for k, v in h.items() if k not in ("score", "itc")} for h in b]
+    assert [h["score"] for h in a] == pytest.approx([h["score"] for h in b], abs=1e-5)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _one_row(path):
+    np.save(path, np.load(path)[:1])
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "message"),
+    [
+        ("img_emb/img_emb_1.npy", lambda p: p.unlink(), "img_emb/img_emb_1.npy is missing"),
+        ("metadata/metadata_2.parquet", lambda p: p.unlink(), "metadata/metadata_2.parquet is missing"),
+        ("img_emb/img_emb_2.npy", _truncate, "img_emb/img_emb_2.npy is truncated"),
+        ("text_tokens/text_tokens_0.npy", _one_row, "text_tokens/text_tokens_0.npy has 1 rows, not 10"),
+    ],
+)
+def test_damaged_index_is_refused_then_resume_rebuilds_exactly_the_damaged_shard(
+    dataset, clean, tmp_path, file, damage, message
+):
+    index = tmp_path / "index"
+    shutil.copytree(clean, index)
+    damage(index / file)
+    refused = _invoke(["search", index, "--text", "a red circle", "--json"], code=2)
+    assert message in refused.output and "--resume" in refused.output and len(refused.output.splitlines()) == 1
+    shard = int(file.split("_")[-1].split(".")[0])
+    repaired = _invoke(["index", dataset, "--out", index, *BUILD, "--resume"]).output
+    assert "wrote 1 shard(s)" in repaired and f"shard {shard} was damaged" in repaired
+    _same_hits(_hits(index), _hits(clean))
+    _same_hits(_hits(index, "--target", "captions"), _hits(clean, "--target", "captions"))
+
+
+def test_index_works_from_another_folder(dataset, tmp_path, monkeypatch):
+    """Relative dataset and checkpoint paths at build time; search --rerank and the gallery from elsewhere."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(dataset, work / "ds")
+    elsewhere.mkdir()
+    matcher = create_matcher("tiny")
+    matcher.head_steps = 1  # stands in for a trained head: re-ranking refuses random-init heads
+    save_checkpoint(matcher, work / "ckpt" / "tiny.safetensors")
+    monkeypatch.chdir(work)
+    _invoke(["index", "ds", "--out", "idx", *BUILD, "--checkpoint", "ckpt/tiny.safetensors"])
+    monkeypatch.chdir(elsewhere)
+    html = elsewhere / "hits.html"
+    hits = _hits(work / "idx", "--rerank", "8", "--html", html)
+    assert len(hits) == 12 and all(h["itm"] is not None for h in hits)
+    page = html.read_text()
+    assert page.count("<img") == 12 and "no image" not in page
+
+
+def test_set_index_refusal_names_the_field_that_differs(dataset, tmp_path):
+    index = tmp_path / "index"
+    _invoke(["index", dataset, "--out", index, *BUILD, "--set", "fusion.seed=1"])
+    refused = _invoke(["search", index, "--text", "x", "--set", "fusion.seed=2"], code=2)
+    assert "fusion.seed (index 1, query 2)" in refused.output
+    assert "query model is tiny" not in refused.output  # the same name twice says nothing
+
+
+def test_unreadable_query_image_is_rejected_and_the_rest_answered(clean, dataset, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    lines = [
+        {"text": "a red circle"},
+        {"image": "missing.jpg"},
+        {"image": "broken.jpg"},
+        {"image": str(dataset / "images" / "img003.jpg")},
+    ]
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = _invoke(["search", clean, "--queries", queries, "--k", "2", "--json"])
+    answers = json.loads(result.stdout)
+    assert [len(a["hits"]) for a in answers] == [2, 0, 0, 2] and answers[3]["hits"][0]["image_id"] == "img003.jpg"
+    assert "missing.jpg" in answers[1]["reject"] and "broken.jpg" in answers[2]["reject"]
+    assert "reject: query 2" in result.stderr and "reject: query 3" in result.stderr
+    assert "reject" not in answers[0] and "reject: query 1" not in result.stderr
+    table = _invoke(["search", clean, "--queries", queries, "--k", "2", "--html", tmp_path / "q.html"])
+    assert "img003.jpg" in table.stdout and "reject: query 3" in table.stderr
+    assert (tmp_path / "q.html").read_text().count("not searched: ") == 2
+    queries.write_text(json.dumps({"image": "missing.jpg"}) + "\n")
+    nothing = _invoke(["search", clean, "--queries", queries], code=1)
+    assert "no query could be searched" in nothing.stderr
+
+
+def test_search_table_shows_whole_paths_relative_to_the_dataset(tmp_path):
+    folder = "holiday_pictures_from_the_summer_of_2023"
+    rows = ["image,caption"]
+    for i, colour in enumerate(["red", "green", "blue"]):
+        name = f"{folder}/beach_sunset_with_friends_and_family_number_{i:03d}.jpg"
+        (tmp_path / "ds" / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "ds" / name)
+        rows.append(f"{name},a long caption about a {colour} beach at sunset with friends and family at home")
+    (tmp_path / "ds" / "pairs.csv").write_text("\n".join(rows) + "\n")
+    _invoke(["index", tmp_path / "ds" / "pairs.csv", "--out", tmp_path / "index", *BUILD])
+    table = _invoke(["search", tmp_path / "index", "--text", "a red beach", "--k", "3"]).stdout
+    for i in range(3):
+        assert f"{folder}/beach_sunset_with_friends_and_family_number_{i:03d}.jpg" in table
+    assert "…" not in table and str(tmp_path) not in table
+    captions = _invoke(["search", tmp_path / "index", "--text", "red", "--target", "captions", "--k", "3"]).stdout
+    assert "…" not in captions and "number_000.jpg" in captions

@@ -1,0 +1,230 @@
+"""What mmcross refuses, through the CLI: one `error:` line, exit 2, no traceback, finished work intact.
+
+An untrained match head (random init) never ranks or scores silently; a checkpoint is not silently overridden by
+--model or --set; bad outputs, weights files and training numbers are one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from mmcross.factory import checkpoint_metadata, create_matcher, load_checkpoint, save_checkpoint
+from tests.index_helpers import make_dataset
+from tests.train_helpers import make_shapes
+
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _refused(args: list[str], *messages: str) -> str:
+    """The one error line of a refused command, after checking it names each of `messages`."""
+    result = runner.invoke(app, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert not isinstance(result.exception, Exception), result.exception  # Exit, not a crash
+    for message in messages:
+        assert message in errors[0], errors[0]
+    return errors[0]
+
+
+def _checkpoint(path: Path, head_steps: int | None) -> Path:
+    """A tiny checkpoint whose metadata says its head trained for `head_steps` (None: written before it was kept)."""
+    matcher = create_matcher("tiny")
+    matcher.head_steps = head_steps
+    return save_checkpoint(matcher, path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        "trained": _checkpoint(root / "trained.safetensors", 5),
+        "untrained": _checkpoint(root / "untrained.safetensors", 0),
+        "legacy": _checkpoint(root / "legacy.safetensors", None),
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("ds"), n=6, missing=False)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp("shapes"), n_train=2, n_dev=4, size=32)
+
+
+# ---- item 2: an untrained head --------------------------------------------------------------------------------------
+
+
+def test_checkpoints_say_whether_the_head_trained_and_old_ones_count_as_trained(ckpts):
+    meta = checkpoint_metadata(ckpts["trained"])
+    assert (meta["head_trained"], meta["head_steps"]) == ("true", "5")
+    assert checkpoint_metadata(ckpts["untrained"])["head_trained"] == "false"
+    assert "head_steps" not in checkpoint_metadata(ckpts["legacy"])
+    assert load_checkpoint(ckpts["legacy"]).head_trained  # written before the key existed: old runs keep working
+    assert not load_checkpoint(ckpts["untrained"]).head_trained and not create_matcher("tiny").head_trained
+
+
+def test_search_rerank_refuses_an_untrained_head_and_works_with_a_trained_one(dataset, ckpts, tmp_path):
+    index = tmp_path / "random"
+    _ok(["index", str(dataset), "--out", str(index), "--model", "tiny", "-j", "0", "--quiet"])
+    assert json.loads((index / "manifest.json").read_text())["head"] == {"trained": False, "steps": 0}
+    query = ["search", str(index), "--text", "a red circle", "--k", "2", "--json"]
+    _refused([*query, "--rerank", "4"], "--rerank needs a trained match head", "--checkpoint", "--allow-untrained-head")
+    assert json.loads(_ok(query))["hits"][0]["itm"] is None  # the dual encoder alone still answers
+    assert json.loads(_ok([*query, "--rerank", "4", "--allow-untrained-head"]))["hits"][0]["itm"] is not None
+
+    trained = tmp_path / "trained"
+    _ok(["index", str(dataset), "--out", str(trained), "--checkpoint", str(ckpts["trained"]), "-j", "0", "--quiet"])
+    assert json.loads((trained / "manifest.json").read_text())["head"] == {"trained": True, "steps": 5}
+    hits = json.loads(_ok(["search", str(trained), "--text", "a red circle", "--rerank", "4", "--json"]))["hits"]
+    assert hits and all(h["itm"] is not None for h in hits)
+
+
+def test_eval_skips_or_refuses_rerank_with_an_untrained_head(shapes, ckpts, tmp_path):
+    base = ["eval", str(shapes), "--split", "dev", "--model", "tiny"]
+    _refused([*base, "--rerank", "4"], "--rerank needs a trained match head")
+    out = tmp_path / "eval.json"
+    _ok([*base, "--out", str(out)])  # no --rerank: the dual encoder only, and the report says why
+    report = json.loads(out.read_text())
+    assert report["k"] == 0 and report["rerank_metrics"] is None and report["rerank_skipped"] == "untrained head"
+    assert report["head"] == {"trained": False, "steps": 0}
+    _ok(["eval", str(shapes), "--split", "dev", "--checkpoint", str(ckpts["trained"]), "--out", str(out)])
+    assert json.loads(out.read_text())["k"] == 16 and json.loads(out.read_text())["rerank_metrics"] is not None
+
+
+def test_score_writes_itc_and_leaves_itm_empty_with_an_untrained_head(dataset, ckpts, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"image": "images/img000.jpg", "caption": "a red circle"}, {"image": "images/gone.jpg", "caption": "x"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scored.jsonl"
+    args = ["score", str(pairs), "-o", str(out), "--image-root", str(dataset), "--quiet"]
+    assert "untrained head" in _ok([*args, "--model", "tiny"])
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert scored[0]["itc"] is not None and scored[0]["itm"] is None and scored[0]["score"] is None
+    assert scored[0]["reason"] == "untrained head" and scored[1]["reason"] == "image: missing file"
+    _ok([*args, "--checkpoint", str(ckpts["legacy"])])
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert scored[0]["itm"] is not None and scored[0]["reason"] is None
+
+
+def test_explain_says_the_head_is_untrained(dataset, ckpts, tmp_path):
+    image, out = str(dataset / "images" / "img000.jpg"), tmp_path / "heat.png"
+    output = _ok(["explain", image, "a red circle", "--model", "tiny", "--out", str(out), "--panel", "48"])
+    assert "(untrained head)" in output and "warning: untrained head" in output and out.is_file()
+    output = _ok(["explain", image, "a red circle", "--checkpoint", str(ckpts["trained"]), "-o", str(out)])
+    assert "untrained" not in output
+
+
+# ---- item 4: --model and --set beside a checkpoint ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["explain", "score", "eval", "index"])
+def test_a_model_other_than_the_checkpoints_is_refused_by_every_command(command, ckpts, dataset, tmp_path):
+    image = str(dataset / "images" / "img000.jpg")
+    args = {
+        "explain": ["explain", image, "x", "-o", str(tmp_path / "h.png")],
+        "score": ["score", str(tmp_path / "p.jsonl"), "-o", str(tmp_path / "s.jsonl")],
+        "eval": ["eval", str(dataset), "--split", "dev"],
+        "index": ["index", str(dataset), "--out", str(tmp_path / "idx")],
+    }[command]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"image": image, "caption": "x"}) + "\n")
+    ckpt = ["--checkpoint", str(ckpts["trained"])]
+    _refused([*args, *ckpt, "--model", "vit-b-32"], "--model vit-b-32 is vit-b-32", "holds tiny", "drop --model")
+    _refused([*args, *ckpt, "--set", "encoder.seed=3"], "encoder.seed would be ignored", "only itc_weight")
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+def test_the_checkpoints_own_model_and_a_ranking_weight_are_accepted(ckpts, dataset, tmp_path):
+    image, out = str(dataset / "images" / "img000.jpg"), str(tmp_path / "h.png")
+    args = ["explain", image, "a red circle", "-o", out, "--checkpoint", str(ckpts["trained"]), "--model", "tiny"]
+    itc, itm, score = (float(x) for x in _ok([*args, "--set", "itc_weight=0"]).split()[1:6:2])
+    assert score == pytest.approx(itm, abs=1e-4) and itc != 0
+
+
+# ---- item 11: one-line errors ---------------------------------------------------------------------------------------
+
+
+def test_explain_out_must_be_a_png_file(dataset, tmp_path):
+    image = str(dataset / "images" / "img000.jpg")
+    _refused(["explain", image, "x", "-m", "tiny", "-o", str(tmp_path)], "is a folder")
+    _refused(["explain", image, "x", "-m", "tiny", "-o", str(tmp_path / "heat.txt")], "must end in .png")
+    assert not (tmp_path / "heat.txt").exists()
+
+
+def test_index_out_that_is_a_file_is_refused(dataset, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    _refused(["index", str(dataset), "--out", str(existing), "-m", "tiny", "-j", "0"], "is a file")
+    assert existing.read_text() == "keep me"
+
+
+class _Payload:
+    """Unpickling this would create a folder: the proof that nothing ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_bad_pretrained_files_are_one_line(ckpts, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x": _Payload(marker)}, protocol=2))
+    torch.save({"x": _Payload(marker)}, tmp_path / "evil_zip.pt")
+    for path in (evil, tmp_path / "evil_zip.pt"):
+        _refused(["embed", "-m", "tiny", "--pretrained", str(path), "-t", "x"], "refusing --pretrained")
+    assert not marker.exists()
+    _refused(
+        ["embed", "-m", "tiny", "--pretrained", str(ckpts["trained"]), "-t", "x"],
+        "is an mmcross checkpoint",
+        "use --checkpoint",
+    )
+    torch.save({"other": torch.zeros(2)}, tmp_path / "other.pt")
+    _refused(["embed", "-m", "tiny", "--pretrained", str(tmp_path / "other.pt"), "-t", "x"], "does not hold")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.max_steps=0", "max_steps must be at least 1"),
+        ("train.max_steps=-2", "at least 1"),
+        ("train.lr=-1", "lr must be positive"),
+    ],
+)
+def test_bad_training_numbers_are_refused_up_front(shapes, tmp_path, setting, message):
+    run = tmp_path / "run"
+    _refused(["train", "--out", str(run), "--set", f"train.data={shapes}", "--set", setting], message)
+    assert not run.exists()
+
+
+# ---- item 12: say what was written ----------------------------------------------------------------------------------
+
+
+def test_embed_names_the_file_it_wrote(tmp_path):
+    output = _ok(["embed", "-m", "tiny", "-t", "a dog", "-o", str(tmp_path / "photos")])
+    assert f"to {tmp_path / 'photos.npy'}" in output and (tmp_path / "photos.npy").is_file()
+
+
+def test_resume_of_a_run_that_never_checkpointed_says_so(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": "tiny"}\n')  # what a run that failed early leaves
+    _refused(["train", "--out", str(run), "--resume"], "nothing to resume", "run without --resume")
+    assert (run / "config.json").read_text() == '{"model": "tiny"}\n'
