@@ -33,7 +33,8 @@ lint: install  ## ruff check and format check
 screenshot: install  ## Search gallery in headless Chromium (apt-get install chromium) -> build/screenshots/
 	MMCROSS_SCREENSHOT=build/screenshots/search-gallery.png $(PY) -m pytest -q -m slow tests/test_report_chromium.py
 
-bench: install  ## Benchmarks -> bench-results.json
+bench: install  ## Benchmarks (the fast extra's int8/onnx/openvino paths included) -> bench-results.json
+	$(PY) -m pip install --quiet -e '.[dev,fast]'
 	$(PY) -m benchmarks.run --out bench-results.json
 
 bench-train: install  ## mmcross train vs open_clip_train, same tower/data/15 min each (FULL=1: an hour) -> bench-train.json

@@ -26,6 +26,21 @@ _MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: vit-b-
 _ALLOW_UNTRAINED = typer.Option(
     False, "--allow-untrained-head", help="Use the fusion head's ITM scores even if no training run trained it."
 )
+# how the encoders run (mmcross.fast): every command that encodes takes these two
+_PRECISION = typer.Option(
+    "fp32", "--precision", help="Encoders in fp32 (exact) or int8 (faster on a CPU; needs pip install 'mmcross[fast]')."
+)
+_RUNTIME = typer.Option(
+    "auto", "--runtime", help="torch, onnx (ONNX Runtime) or openvino; auto: torch for fp32, onnx for int8."
+)
+
+
+def _inference(precision: str, runtime: str):
+    from mmcross.config import InferenceCfg
+
+    return InferenceCfg(precision=precision, runtime=runtime)
+
+
 # every long command shows progress on stderr: a bar on a terminal, a plain line every ~30 s in a log file
 _QUIET = typer.Option(False, "--quiet", help="Show no progress on stderr (bar on a terminal, lines in a log).")
 
@@ -96,6 +111,8 @@ def embed(
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the vectors to this .npy file (N, E)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per forward pass."),
+    precision: str = _PRECISION,
+    runtime: str = _RUNTIME,
     quiet: bool = _QUIET,
 ) -> None:
     """Embed captions and/or images with the dual encoder: unit vectors, images first, then captions."""
@@ -107,7 +124,7 @@ def embed(
         typer.echo("error: give at least one --text or --image", err=True)
         raise typer.Exit(2)
     with user_errors():
-        matcher = load_matcher(_ref(model, pretrained, None, set_))
+        matcher = load_matcher(_ref(model, pretrained, None, set_), inference=_inference(precision, runtime))
         vectors = embed_items(
             matcher,
             images=list(image or []),
@@ -299,6 +316,8 @@ def index(
     world_size: int | None = typer.Option(
         None, "--world-size", min=1, help="Processes sharing the job (default: $WORLD_SIZE, else 1)."
     ),
+    precision: str = _PRECISION,
+    runtime: str = _RUNTIME,
     quiet: bool = _QUIET,
 ) -> None:
     """Embed a dataset into an index folder in clip-retrieval's layout, with a token cache for re-ranking."""
@@ -323,7 +342,8 @@ def index(
             world_size=world_size,
             progress=not quiet,
         )
-        report = build_index(dataset, out, load_matcher(ref), data_cfg, opts, ref)
+        matcher = load_matcher(ref, inference=_inference(precision, runtime))
+        report = build_index(dataset, out, matcher, data_cfg, opts, ref)
     who = f"rank {report.rank}/{report.world_size}: " if report.world_size > 1 else ""
     typer.echo(
         f"{who}wrote {report.shards_written} shard(s) to {out} ({report.format}), "
@@ -357,6 +377,12 @@ def search(
         None, "--html", help="Also write the hits as one self-contained HTML page (embedded thumbnails) here."
     ),
     allow_untrained_head: bool = _ALLOW_UNTRAINED,
+    precision: str | None = typer.Option(
+        None, "--precision", help="Query encoders in fp32 or int8 (default: as the index was built)."
+    ),
+    runtime: str | None = typer.Option(
+        None, "--runtime", help="torch, onnx or openvino for the queries (default: as the index was built; auto)."
+    ),
 ) -> None:
     """Search an index by caption or image: dual-encoder top-k, optionally re-ranked by the fusion head.
 
@@ -373,6 +399,7 @@ def search(
     with user_errors():
         named = any(x is not None for x in (model, pretrained, checkpoint))  # else: the model that built the index
         qs = read_queries(queries) if queries else [Query(text=text, image=str(image) if image else None)]
+        chosen = None if (precision, runtime) == (None, None) else _inference(precision or "fp32", runtime or "auto")
         results = search_index(
             index_dir,
             qs,
@@ -385,6 +412,7 @@ def search(
             nprobe=nprobe,
             html=html,
             allow_untrained_head=allow_untrained_head,
+            inference=chosen,
         )
         root = dataset_root(index_dir)
     if not queries and results[0].reject:
@@ -446,6 +474,8 @@ def score(
     image_col: str | None = _IMAGE_COL,
     caption_col: str | None = _CAPTION_COL,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Rows per forward pass (and per read)."),
+    precision: str = _PRECISION,
+    runtime: str = _RUNTIME,
     quiet: bool = _QUIET,
     allow_untrained_head: bool = _ALLOW_UNTRAINED,
 ) -> None:
@@ -461,7 +491,7 @@ def score(
     from mmcross.scoring import score_pairs
 
     with user_errors():
-        matcher = load_matcher(_ref(model, pretrained, checkpoint, set_))
+        matcher = load_matcher(_ref(model, pretrained, checkpoint, set_), inference=_inference(precision, runtime))
         report = score_pairs(
             pairs,
             out,
@@ -594,6 +624,8 @@ def eval_(
         False, "--hard-negatives", help="Also: is each caption scored above its swapped negative? (synth manifests)"
     ),
     allow_untrained_head: bool = _ALLOW_UNTRAINED,
+    precision: str = _PRECISION,
+    runtime: str = _RUNTIME,
     quiet: bool = _QUIET,
 ) -> None:
     """Recall@1/5/10 both ways, median rank and rsum: dual encoder, and after fusion re-rank of its top K."""
@@ -615,6 +647,7 @@ def eval_(
             hard_negatives=hard_negatives,
             allow_untrained_head=allow_untrained_head,
             progress=not quiet,
+            inference=_inference(precision, runtime),
         )
     if report.get("rerank_skipped"):
         typer.echo("note: the match head is untrained, so only the dual encoder was evaluated (no re-rank)", err=True)

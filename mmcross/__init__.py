@@ -14,6 +14,7 @@ _EXPORTS = {
     "EncoderCfg": "mmcross.config",
     "FusionCfg": "mmcross.config",
     "MatcherCfg": "mmcross.config",
+    "InferenceCfg": "mmcross.config",
     "load_matcher_cfg": "mmcross.config",
     "load_encoders": "mmcross.encoders",
     "PretrainedUnavailable": "mmcross.encoders",

@@ -62,6 +62,14 @@ class MatcherCfg:
 
 
 @dataclass
+class InferenceCfg:
+    """How the encoders run at inference (`--precision`, `--runtime`); training always runs torch fp32."""
+
+    precision: str = "fp32"  # fp32 (exact) or int8 (weights int8 per output channel, activations quantised per batch)
+    runtime: str = "auto"  # torch, onnx (ONNX Runtime) or openvino; auto = torch for fp32, onnx for int8
+
+
+@dataclass
 class ModelRef:
     """Which model a command uses, named the one way every command names it; `mmcross.factory.load_matcher` builds
     it. An index manifest stores it whole (with `config` filled in), so `search` rebuilds exactly the model that

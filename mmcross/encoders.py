@@ -89,10 +89,15 @@ class ImageEncoder(nn.Module):
         else:
             raise NotImplementedError(f"mmcross cannot take patch tokens from a {type(visual).__name__} vision tower")
         self.embed_dim = embed_dim
+        # a compiled graph of this tower (`mmcross.fast`): pixels -> (pooled, tokens); None runs the torch modules
+        self.runtime: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         size = visual.image_size
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
 
     def forward(self, pixels: torch.Tensor) -> ImageFeatures:
+        if self.runtime is not None:
+            pooled, tokens = self.runtime(pixels)
+            return ImageFeatures(pooled=pooled, tokens=tokens)
         visual = self.visual
         if isinstance(visual, VisionTransformer):
             pooled, tokens = visual(pixels)  # (B, E), (B, P, Dv)
@@ -159,6 +164,9 @@ class TextEncoder(nn.Module):
         # Cutting is exact only when padding sits after the pooled position and nothing attends forward to it.
         self.cuttable = self.attn_mask is not None and self.pool_type in ("argmax", "eos")
 
+    # a compiled graph of `core` (`mmcross.fast`): ids (B, L), already cut -> (pooled, states); None runs torch
+    runtime: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> token ids (N, C); captions longer than the context are truncated as open_clip does."""
         return self.tokenizer(captions)
@@ -193,6 +201,15 @@ class TextEncoder(nn.Module):
                 mask = mask[:, 1:]
             return TextFeatures(pooled=pooled, tokens=states, mask=mask)
 
+        if self.runtime is not None:
+            pooled, states = self.runtime(tokens)
+            return TextFeatures(pooled=pooled, tokens=states, mask=mask)
+        pooled, x = self.core(tokens)
+        return TextFeatures(pooled=pooled, tokens=x, mask=mask)
+
+    def core(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) token ids, cut -> pooled (B, E), token states (B, L, Dt); what `mmcross.fast` exports (open_clip
+        CLIP-style towers only)."""
         length = tokens.shape[1]
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(cast_dtype)  # (B, L, Dt)
@@ -214,7 +231,7 @@ class TextEncoder(nn.Module):
             pooled = self.text_projection(pooled)  # (B, E)
         elif self.text_projection is not None:
             pooled = pooled @ self.text_projection
-        return TextFeatures(pooled=pooled, tokens=x, mask=mask)
+        return pooled, x
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mmcross.config import DataCfg, ModelRef
+from mmcross.config import DataCfg, InferenceCfg, ModelRef, to_dict
 from mmcross.data.records import NothingReadable, Record, caption_key
 from mmcross.encode import encode_records, encode_texts
 from mmcross.features import ImageFeatures, TextFeatures
@@ -218,8 +218,11 @@ def run_eval(
     hard_negatives: bool = False,
     progress: bool = True,
     allow_untrained_head: bool = False,
+    inference: InferenceCfg | None = None,
 ) -> dict[str, Any]:
     """`mmcross eval`: load the model `ref` names, evaluate one split, optionally write the JSON to `out`.
+
+    `inference` picks how the encoders run (`mmcross.fast`; None: torch fp32); the report records it.
 
     `k` candidates per query are re-ranked; None means `DEFAULT_RERANK_K` when the fusion head was trained, and no
     re-ranking when it was not (the report says `"rerank_skipped": "untrained head"`); an explicit `k` > 0 with an
@@ -240,7 +243,7 @@ def run_eval(
         records = records[:max_images]
     if not records:
         raise ValueError(ds.nothing_in_split())
-    matcher = load_matcher(ref, device=device)
+    matcher = load_matcher(ref, device=device, inference=inference)
     skipped = k is None and not matcher.head_trained
     if k is None:
         k = DEFAULT_RERANK_K if matcher.head_trained else 0
@@ -257,6 +260,7 @@ def run_eval(
         "model": _model_name(ref, matcher),
         "pretrained": matcher.cfg.encoder.pretrained,
         "head": matcher.head_info(),
+        "inference": to_dict(matcher.inference),
         "k": k,
         **({"rerank_skipped": "untrained head"} if skipped else {}),
         **result,

@@ -20,6 +20,7 @@ import torch
 from mmcross import __version__
 from mmcross.config import (
     DEFAULT_MODEL,
+    InferenceCfg,
     MatcherCfg,
     ModelRef,
     _flatten,
@@ -276,19 +277,43 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_matcher(ref: ModelRef, device: str | torch.device = "cpu") -> Matcher:
+def load_matcher(ref: ModelRef, device: str | torch.device = "cpu", inference: InferenceCfg | None = None) -> Matcher:
     """The matcher a model reference names: its checkpoint, else its resolved config, else its preset (or config
-    file) with `pretrained` and `overrides`.
+    file) with `pretrained` and `overrides`; its encoders run as `inference` says (`mmcross.fast`; None: torch fp32).
 
     With a checkpoint, which holds its architecture and weights, what would otherwise be ignored is refused, naming
     both sides: a `model` of another architecture, and overrides other than `CHECKPOINT_SETTABLE`.
     """
     if ref.checkpoint is not None:
-        return _load_checkpoint_ref(ref, device)
-    if ref.config is not None:
-        return create_matcher(from_dict(MatcherCfg, ref.config), ref.pretrained, device, ref.overrides)
-    model = ref.model or DEFAULT_MODEL
-    return create_matcher(model, pretrained=ref.pretrained, device=device, overrides=ref.overrides)
+        matcher = _load_checkpoint_ref(ref, device)
+    elif ref.config is not None:
+        matcher = create_matcher(from_dict(MatcherCfg, ref.config), ref.pretrained, device, ref.overrides)
+    else:
+        model = ref.model or DEFAULT_MODEL
+        matcher = create_matcher(model, pretrained=ref.pretrained, device=device, overrides=ref.overrides)
+    if inference is not None:
+        from mmcross.fast import use_inference
+
+        use_inference(matcher, inference, ref)
+    return matcher
+
+
+def graph_cache_dir(ref: ModelRef, matcher: Matcher, fingerprint: str | None = None) -> Path:
+    """Where `mmcross.fast` keeps a matcher's exported graphs: beside its weights file (`best.safetensors` ->
+    `best.graphs/`; a local `--pretrained` file likewise), else under `$MMCROSS_CACHE/graphs` (default
+    `~/.cache/mmcross/graphs`) in a folder per preset and weights `fingerprint` (computed when not given)."""
+    import os
+
+    weights = resolve_checkpoint(ref.checkpoint) if ref.checkpoint else None
+    pretrained = matcher.cfg.encoder.pretrained
+    if weights is None and pretrained and Path(pretrained).expanduser().is_file():
+        weights = Path(pretrained).expanduser()
+    if weights is not None and os.access(weights.parent, os.W_OK):
+        return weights.with_name(weights.stem + ".graphs")
+    root = Path(os.environ.get("MMCROSS_CACHE") or Path.home() / ".cache" / "mmcross")
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in matcher.cfg.name)
+    fingerprint = fingerprint or model_fingerprint(matcher)
+    return root / "graphs" / f"{name}-{fingerprint.removeprefix('sha256:')}"
 
 
 # What `--set` may change on a checkpoint: its weights come from the file, so seeds, pretrained weights, precision and

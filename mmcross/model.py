@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmcross.config import MatcherCfg
+from mmcross.config import InferenceCfg, MatcherCfg
 from mmcross.features import ImageFeatures, TextFeatures, unit
 from mmcross.fusion import Fusion, MatchHead
 
@@ -73,6 +73,7 @@ class Matcher(nn.Module):
         # optimiser steps in which the fusion and head learnt from the ITM loss (0: random init); None: unknown, a
         # checkpoint written before mmcross recorded it, taken as trained so that old runs keep working
         self.head_steps: int | None = 0
+        self.inference = InferenceCfg("fp32", "torch")  # how the encoders run (`mmcross.fast.use_inference`)
 
     # ---- training controls -------------------------------------------------------------------------------------
 

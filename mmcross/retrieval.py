@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcross.config import ModelRef, to_dict
+from mmcross.config import InferenceCfg, ModelRef, to_dict
 from mmcross.encode import encode_query
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.index import search as backends
@@ -289,20 +289,33 @@ def search_index(
     nprobe: int | None = None,
     html: str | Path | None = None,
     allow_untrained_head: bool = False,
+    inference: InferenceCfg | None = None,
 ) -> list[Answer]:
     """`mmcross search`: open an index, load its model (see `index_model`; or use `matcher`), check the weights'
     fingerprint against the index, run every query (one process, one load), and write the hits as an HTML gallery
     to `html` when given. A query that cannot be encoded (an unreadable image) gets an `Answer` with its `reject`
     reason and no hits; the others are answered. `rerank` with a head no run has trained raises `UntrainedHead`
-    unless `allow_untrained_head`."""
+    unless `allow_untrained_head`. Queries are encoded as `inference` says (`mmcross.fast`), by default as the index
+    was built; another precision or runtime than the index's works (same weights, close vectors) and is noted once."""
     from mmcross.factory import load_matcher, model_fingerprint, reference_name
+    from mmcross.fast import note, use_inference
+    from mmcross.index.build import describe_inference, inference_of
 
     if backend not in ("auto", "exact", "faiss"):
         raise ValueError(f"--backend takes auto, exact or faiss, not {backend!r}")
     index = IndexStore(index_dir)
     ref = index_model(index_dir, ref, overrides)
+    built = inference_of(index.manifest)
+    loaded = matcher is None
     matcher = matcher if matcher is not None else load_matcher(ref)
     check_fingerprint(index, model_fingerprint(matcher), reference_name(ref), to_dict(matcher.cfg))
+    if loaded or inference is not None:  # after the check: another model is refused before any graph is built
+        use_inference(matcher, inference or InferenceCfg(built["precision"], built["runtime"]), ref)
+    if to_dict(matcher.inference) != built:
+        note(
+            f"index {index.root} holds {describe_inference(built)} vectors, the queries are encoded "
+            f"{describe_inference(to_dict(matcher.inference))}: the same weights, so the vectors are close, not equal"
+        )
     if rerank and not allow_untrained_head:
         matcher.require_trained_head("--rerank")
     retriever = Retriever(index, matcher, backend=backend, nprobe=nprobe)

@@ -95,6 +95,9 @@ def _plan(root: Path, opts: BuildOptions, job: dict) -> tuple[dict, int]:
         for key in ("fingerprint", "embed_images", "embed_captions", "cache_tokens", "shard_size", "dataset"):
             if old[key] != job[key]:
                 raise ValueError(f"--resume with another {key}: the job in {root} has {old[key]!r}, not {job[key]!r}")
+        if inference_of(old) != job["inference"]:  # one index, one precision: its vectors are compared with each other
+            was, now = describe_inference(inference_of(old)), describe_inference(job["inference"])
+            raise ValueError(f"--resume with another precision/runtime: the job in {root} has {was}, not {now}")
         return old, old["first_shard"]
     if opts.append:
         manifest = store.read_manifest(root)
@@ -102,6 +105,11 @@ def _plan(root: Path, opts: BuildOptions, job: dict) -> tuple[dict, int]:
         for key in ("fingerprint", "embed_images", "embed_captions", "cache_tokens"):
             if manifest[key] != job[key]:
                 raise ValueError(f"--append with another {key}: the index has {manifest[key]!r}, not {job[key]!r}")
+        if inference_of(manifest) != job["inference"]:
+            raise ValueError(
+                f"--append with another precision/runtime: the index has {describe_inference(inference_of(manifest))}"
+                f", not {describe_inference(job['inference'])}"
+            )
         first = max(manifest["shards"], default=-1) + 1
         return {**job, "first_shard": first, "base_shards": manifest["shards"]}, first
     if opts.rank == 0 and (manifest_path.exists() or build_path.exists()):
@@ -163,6 +171,7 @@ def build_index(
         "shard_size": opts.shard_size,
         "faiss": opts.faiss,
         "head": matcher.head_info(),  # whether `search --rerank` has a trained head to re-rank with
+        "inference": to_dict(matcher.inference),  # precision and runtime of the encoders (`mmcross.fast`)
     }
     job, first_shard = _plan(root, opts, job)
     root.mkdir(parents=True, exist_ok=True)
@@ -198,6 +207,16 @@ def build_index(
     else:
         report.notes.append("other ranks still have shards to build; the last one writes the manifest")
     return report
+
+
+def inference_of(record: dict) -> dict:
+    """The {"precision", "runtime"} a build record or manifest holds (torch fp32 for one written before they were
+    recorded)."""
+    return record.get("inference") or {"precision": "fp32", "runtime": "torch"}
+
+
+def describe_inference(inference: dict) -> str:
+    return f"{inference['precision']} ({inference['runtime']})"
 
 
 def _portable(location: str | Path) -> str:
@@ -361,6 +380,7 @@ def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> 
         "model": job["model"],
         "fingerprint": job["fingerprint"],
         "head": job.get("head"),  # {"trained", "steps"} of the fusion head; None: a job begun before it was kept
+        "inference": inference_of(job),  # {"precision", "runtime"} the encoders ran with
         "dataset": job["dataset"],
         "data": job["data"],
         "images": sum(c["images"] for c in counts.values()),

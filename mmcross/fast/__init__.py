@@ -1,0 +1,82 @@
+"""The optimised inference path: encoders run as exported graphs (ONNX Runtime or OpenVINO), fp32 or int8.
+
+`use_inference(matcher, InferenceCfg, ref)` sets the towers' `runtime` hooks (`mmcross.encoders`), so every
+command that encodes through `mmcross.encode` (index, search, score, embed, eval) runs the graphs; the torch modules
+stay in place (training, the fusion re-rank and the weights' fingerprint are untouched). fp32 + torch leaves the
+model exactly as it was.
+
+int8 is ONNX Runtime's dynamic quantisation (weights int8 per output channel, activations quantised per batch at run
+time): the runtime's documented choice for transformers, with no calibration set to choose or keep; OpenVINO runs
+the same quantised graph. Graphs are cached (`mmcross.fast.cache`), built once per weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from mmcross.config import InferenceCfg, ModelRef
+
+PRECISIONS = ("fp32", "int8")
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+EXTRA = "pip install 'mmcross[fast]'"
+_said: set[str] = set()
+
+
+def note(message: str, once: bool = True) -> None:
+    """Tell the user `message` on stderr; with `once`, only the first time in this process (commands load and call
+    the encoders many times)."""
+    if not (once and message in _said):
+        _said.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def resolve(cfg: InferenceCfg) -> InferenceCfg:
+    """`cfg` with `auto` made concrete (torch for fp32, onnx for int8); refuses unknown or impossible pairs."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision takes {' or '.join(PRECISIONS)}, not {cfg.precision!r}")
+    if cfg.runtime not in RUNTIMES:
+        raise ValueError(f"--runtime takes {', '.join(RUNTIMES)}, not {cfg.runtime!r}")
+    runtime = cfg.runtime if cfg.runtime != "auto" else ("torch" if cfg.precision == "fp32" else "onnx")
+    if runtime == "torch" and cfg.precision == "int8":
+        raise ValueError("--precision int8 runs on --runtime onnx or openvino (torch has no int8 path here)")
+    return InferenceCfg(cfg.precision, runtime)
+
+
+def missing_packages(runtime: str) -> list[str]:
+    """Packages of the `fast` extra that `runtime` needs and this environment lacks."""
+    needed = ["onnx", "onnxscript", "onnxruntime"] + (["openvino"] if runtime == "openvino" else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
+    """Run `matcher`'s encoders as `cfg` says; returns the matcher, whose `inference` records what runs.
+
+    A runtime whose packages are missing falls back to torch fp32, saying so in one line. Graphs come from (and go
+    to) the folder `mmcross.factory.graph_cache_dir` gives for `ref` (how the model was named). Only open_clip
+    CLIP-style text towers are exported (HF and CoCa towers are refused).
+    """
+    cfg = resolve(cfg)
+    matcher.image_encoder.runtime = matcher.text_encoder.runtime = None
+    matcher.inference = InferenceCfg("fp32", "torch")
+    if cfg.runtime == "torch":
+        return matcher
+    missing = missing_packages(cfg.runtime)
+    if missing:
+        note(f"--runtime {cfg.runtime} needs {', '.join(missing)} ({EXTRA}); running torch fp32 instead")
+        return matcher
+    if matcher.device.type != "cpu":
+        raise ValueError(f"--runtime {cfg.runtime} runs the encoders on the CPU; give --device cpu, or --runtime torch")
+    if getattr(matcher.text_encoder, "tower", None) is not None:
+        raise ValueError(f"--runtime {cfg.runtime} exports open_clip CLIP-style text towers only, not this model's")
+    from mmcross.factory import graph_cache_dir, model_fingerprint
+    from mmcross.fast.cache import graph
+    from mmcross.fast.sessions import open_session
+
+    fingerprint = model_fingerprint(matcher)
+    cache_dir = graph_cache_dir(ref, matcher, fingerprint)
+    for tower, encoder in (("image", matcher.image_encoder), ("text", matcher.text_encoder)):
+        path = graph(matcher, tower, cfg.precision, cache_dir, fingerprint)
+        encoder.runtime = open_session(path, cfg.runtime)
+    matcher.inference = cfg
+    return matcher

@@ -1,0 +1,94 @@
+"""torch towers -> ONNX graphs (dynamic batch, and caption length for text), and their int8 versions.
+
+The dynamo exporter (`torch.onnx.export(dynamo=True)`) is used: the TorchScript exporter bakes the caption length
+into the text tower's attention reshapes (open_clip's `nn.MultiheadAttention`), so a graph exported at one length
+fails at another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OPSET = 18
+
+
+class _ImageGraph(nn.Module):
+    """pixels (B, 3, H, W) -> pooled (B, E), tokens (B, P, Dv): the torch path of `ImageEncoder`."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(pixels)
+        return features.pooled, features.tokens
+
+
+class _TextGraph(nn.Module):
+    """ids (B, L), cut to the longest caption -> pooled (B, E), states (B, L, Dt): `TextEncoder.core`."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.core(ids)
+
+
+def export_tower(matcher, tower: str, path: Path) -> None:
+    """Write `matcher`'s `tower` ("image" or "text") as an fp32 ONNX graph at `path` (weights inside the file)."""
+    image, text = matcher.image_encoder, matcher.text_encoder
+    saved = image.runtime, text.runtime
+    image.runtime = text.runtime = None  # export the torch modules, never a graph already attached
+    try:
+        if tower == "image":
+            h, w = image.image_size
+            module, args = _ImageGraph(image), (torch.randn(2, 3, h, w),)
+            names, dims = ["pixels"], ({0: torch.export.Dim("batch")},)
+        else:
+            ids = text.tokenize(["a photo of a dog on the beach", "two cats"])[:, :8]
+            module, args = _TextGraph(text), (ids,)
+            length = torch.export.Dim("length", max=int(text.context_length))
+            names, dims = ["ids"], ({0: torch.export.Dim("batch"), 1: length},)
+        # the exporter reports its steps on stdout, where `embed` writes its JSON: send them to stderr
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.inference_mode(False):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(path),
+                input_names=names,
+                output_names=["pooled", "tokens"],
+                dynamic_shapes=dims,
+                dynamo=True,
+                external_data=False,
+                opset_version=OPSET,
+                verbose=False,
+            )
+    finally:
+        image.runtime, text.runtime = saved
+
+
+def quantize_int8(fp32: Path, path: Path) -> None:
+    """ONNX Runtime dynamic quantisation of `fp32` into `path`: weights int8 per output channel; activations uint8
+    with scales computed per batch at run time (so no calibration set), the runtime's advice for transformers.
+
+    `reduce_range` stays off: on random-init ViT-B-32 it lowered the text cosine to fp32 (0.99925 -> 0.99828 mean).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = path.with_name(path.stem + ".pre.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        pre.unlink(missing_ok=True)

@@ -1,0 +1,46 @@
+"""A cached ONNX graph as a callable for the encoders' `runtime` hook: ONNX Runtime or OpenVINO."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+Run = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def open_session(path: Path, runtime: str) -> Run:
+    """Load `path` for `runtime` ("onnx" or "openvino"), using as many threads as torch does."""
+    threads = torch.get_num_threads()
+    if runtime == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pooled, tokens = session.run(None, {name: x.detach().cpu().numpy()})
+            return torch.from_numpy(pooled), torch.from_numpy(tokens)
+
+        return run
+    if runtime == "openvino":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(
+            str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+        )
+        request = compiled.create_infer_request()
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = request.infer([x.detach().cpu().numpy()])
+            # the request reuses its output buffers on the next call: copy them out
+            pooled, tokens = (np.array(out[compiled.output(i)], copy=True) for i in range(2))
+            return torch.from_numpy(pooled), torch.from_numpy(tokens)
+
+        return run
+    raise ValueError(f"no graph runtime {runtime!r}")

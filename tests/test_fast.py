@@ -1,0 +1,183 @@
+"""The optimised inference path (`mmcross.fast`): int8 graphs close to fp32, the graph cache, manifests, mixed
+search, and the fallback when the extra is missing; tiny preset, seeded random init."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from index_helpers import make_dataset
+from typer.testing import CliRunner
+
+from cli import app
+from mmcross import fast
+from mmcross.config import InferenceCfg, ModelRef
+from mmcross.encode import encode_texts
+from mmcross.factory import graph_cache_dir, load_matcher, model_fingerprint
+from mmcross.fast.cache import graph
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+needs_fast = pytest.mark.skipif(
+    bool(fast.missing_packages("onnx")), reason="the fast extra (pip install 'mmcross[fast]') is not installed"
+)
+CAPTIONS = ["a dog", "a red circle left of a blue square", "two people walk on a beach at sunset"]
+
+
+def _invoke(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return load_matcher(ModelRef(model="tiny"))
+
+
+@pytest.fixture(scope="module")
+def int8():
+    return load_matcher(ModelRef(model="tiny"), inference=InferenceCfg("int8", "onnx"))
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)  # both sides are unit vectors
+
+
+@needs_fast
+def test_int8_vectors_close_to_fp32_both_towers(fp32, int8):
+    assert int8.inference == InferenceCfg("int8", "onnx") and fp32.inference == InferenceCfg("fp32", "torch")
+    assert fp32.image_encoder.runtime is None and fp32.text_encoder.runtime is None  # the default path is untouched
+    pixels = torch.randn(5, 3, *fp32.image_encoder.image_size, generator=torch.Generator().manual_seed(0))
+    a, b = fp32.encode_image(pixels), int8.encode_image(pixels)
+    assert a.tokens.shape == b.tokens.shape
+    assert _cosines(a.pooled, b.pooled).min() > 0.995
+    a, b = encode_texts(fp32, CAPTIONS), encode_texts(int8, CAPTIONS)
+    assert a.tokens.shape == b.tokens.shape and torch.equal(a.mask, b.mask)
+    assert _cosines(a.pooled, b.pooled).min() > 0.995
+    one = int8.encode_text("a dog")  # batch of one, the shortest caption: the graph's axes are dynamic
+    assert _cosines(one.pooled, fp32.encode_text("a dog").pooled).item() > 0.995
+    assert model_fingerprint(int8) == model_fingerprint(fp32)  # the weights are the same; only how they run differs
+
+
+OPENVINO_CHECK = """
+import torch
+from mmcross.config import InferenceCfg, ModelRef
+from mmcross.encode import encode_texts
+from mmcross.factory import load_matcher
+captions = {captions!r}
+fp32 = load_matcher(ModelRef(model="tiny"))
+ov = load_matcher(ModelRef(model="tiny"), inference=InferenceCfg("int8", "openvino"))
+a, b = encode_texts(fp32, captions), encode_texts(ov, captions)
+print((a.pooled * b.pooled).sum(-1).min().item())
+"""
+
+
+@needs_fast
+def test_openvino_runs_the_same_graphs(tmp_path):
+    pytest.importorskip("openvino")
+    # In its own process: once OpenVINO's threading runtime is loaded, a later multi-threaded torch training in the
+    # same process can crash (seen as a segfault of the test run), so the suite never loads it into pytest itself.
+    env = {**os.environ, "MMCROSS_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", OPENVINO_CHECK.format(captions=CAPTIONS)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip().splitlines()[-1]) > 0.995
+
+
+@needs_fast
+def test_graph_cache_reused_then_rebuilt_when_stale_or_damaged(fp32, int8, capsys):
+    folder = graph_cache_dir(ModelRef(model="tiny"), fp32)
+    fingerprint = model_fingerprint(fp32)
+    path = graph(fp32, "image", "int8", folder, fingerprint)  # built by the `int8` fixture
+    capsys.readouterr()
+    assert graph(fp32, "image", "int8", folder, fingerprint) == path
+    assert "built" not in capsys.readouterr().err  # reused: nothing converted
+    key_path = path.with_suffix(".json")
+    key = json.loads(key_path.read_text())
+    assert key["fingerprint"] == fingerprint and key["preset"] == "tiny" and key["image_size"] == [64, 64]
+    assert set(key["versions"]) == {"torch", "onnx", "onnxscript", "onnxruntime"}
+
+    key_path.write_text(json.dumps({**key, "versions": {**key["versions"], "onnxruntime": "0.0"}}))
+    graph(fp32, "image", "int8", folder, fingerprint)
+    assert "built the int8 image graph" in capsys.readouterr().err  # another runtime version: rebuilt
+    assert json.loads(key_path.read_text())["versions"] == key["versions"]
+
+    path.write_bytes(path.read_bytes()[:1000])  # a truncated (or foreign) file under the right name
+    graph(fp32, "image", "int8", folder, fingerprint)
+    assert "built the int8 image graph" in capsys.readouterr().err
+
+    other = load_matcher(ModelRef(model="tiny", overrides={"encoder.seed": 1}))
+    assert graph_cache_dir(ModelRef(model="tiny"), other) != folder  # other weights, another folder
+
+
+def test_graphs_sit_beside_a_checkpoint(tmp_path, fp32):
+    from mmcross.factory import save_checkpoint
+
+    save_checkpoint(fp32, tmp_path / "run" / "best.safetensors")
+    assert graph_cache_dir(ModelRef(checkpoint=str(tmp_path / "run")), fp32) == tmp_path / "run" / "best.graphs"
+
+
+@needs_fast
+def test_index_int8_manifest_and_mixed_precision_search(tmp_path, int8):
+    dataset = make_dataset(tmp_path / "ds", n=6, missing=False)
+    out = tmp_path / "idx"
+    _invoke(["index", str(dataset), "--out", str(out), "-m", "tiny", "-j", "0", "--precision", "int8"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inference"] == {"precision": "int8", "runtime": "onnx"}
+
+    same = _invoke(["search", str(out), "--text", "a red circle", "--k", "3", "--json"])
+    assert "close, not equal" not in same.stderr  # queries default to the index's own precision
+    queries = tmp_path / "q.txt"
+    queries.write_text("a red circle\na blue square\n")
+    mixed = _invoke(["search", str(out), "--queries", str(queries), "--k", "3", "--json", "--precision", "fp32"])
+    assert mixed.stderr.count("holds int8 (onnx) vectors, the queries are encoded fp32 (torch)") == 1
+    answers = json.loads(mixed.stdout)
+    assert [len(a["hits"]) for a in answers] == [3, 3]
+    refused = runner.invoke(app, ["search", str(out), "--text", "x", "--set", "encoder.seed=1"])
+    assert refused.exit_code == 2 and "differs in encoder.seed" in refused.stderr  # another model: refused
+
+    again = runner.invoke(app, ["index", str(dataset), "--out", str(out), "-m", "tiny", "-j", "0", "--append"])
+    assert again.exit_code == 2 and "another precision/runtime" in again.stderr and "int8 (onnx)" in again.stderr
+
+
+@needs_fast
+def test_eval_reports_int8(tmp_path, int8):
+    dataset = make_dataset(tmp_path / "ds", n=4, missing=False)
+    result = _invoke(["eval", str(dataset), "--split", "all", "-m", "tiny", "--precision", "int8", "--quiet"])
+    assert json.loads(result.stdout)["inference"] == {"precision": "int8", "runtime": "onnx"}
+
+
+def test_missing_extra_falls_back_to_torch_in_one_line(monkeypatch):
+    monkeypatch.setattr(fast, "missing_packages", lambda runtime: ["onnxruntime"])
+    monkeypatch.setattr(fast, "_said", set())
+    result = _invoke(["embed", "-m", "tiny", "-t", "a dog", "-t", "a cat", "--precision", "int8", "--quiet"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["note: --runtime onnx needs onnxruntime (pip install 'mmcross[fast]'); running torch fp32 instead"]
+    plain = _invoke(["embed", "-m", "tiny", "-t", "a dog", "-t", "a cat", "--quiet"])
+    assert result.stdout == plain.stdout  # what ran is exactly the fp32 path
+
+
+def test_int8_on_torch_and_unknown_values_are_refused():
+    result = runner.invoke(app, ["embed", "-m", "tiny", "-t", "a dog", "--precision", "int8", "--runtime", "torch"])
+    assert result.exit_code == 2 and "int8 runs on --runtime onnx or openvino" in result.stderr
+    result = runner.invoke(app, ["embed", "-m", "tiny", "-t", "a dog", "--precision", "fp16"])
+    assert result.exit_code == 2 and "--precision takes fp32 or int8" in result.stderr
+
+
+@needs_fast
+def test_fp32_graph_matches_torch_closely(fp32):
+    onnx32 = load_matcher(ModelRef(model="tiny"), inference=InferenceCfg("fp32", "onnx"))
+    a, b = encode_texts(fp32, CAPTIONS), encode_texts(onnx32, CAPTIONS)
+    np.testing.assert_allclose(a.pooled.numpy(), b.pooled.numpy(), atol=1e-4)
