@@ -621,7 +621,9 @@ def eval_(
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="Evaluate on the first N images only."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     hard_negatives: bool = typer.Option(
-        False, "--hard-negatives", help="Also: is each caption scored above its swapped negative? (synth manifests)"
+        False,
+        "--hard-negatives",
+        help="Also: is each caption scored above its swapped negative? (synth manifests; needs a trained head)",
     ),
     allow_untrained_head: bool = _ALLOW_UNTRAINED,
     precision: str = _PRECISION,

@@ -123,6 +123,9 @@ class TrainCfg:
     feature_cache: bool = False  # with trainable = "fusion": encode every image and caption once, train on the cache
     augment: bool = True  # random resized crops (as open_clip's training transform) instead of the eval transform
     augment_min_scale: float = 0.9  # smallest area share a random crop keeps (open_clip's default 0.9)
+    augment_hflip: bool = False  # with `augment`: mirror each crop left-right with probability 1/2
+    caption_word_drop: float = 0.0  # delete each word of a training caption with this probability (one always
+    # stays); a regulariser for a text tower that would otherwise memorise a few thousand captions
     decode_cache: str = "auto"  # where decoded training images are kept ("auto": $MMCROSS_CACHE/decoded, else
     # ~/.cache/mmcross/decoded; "none": decode every image at every step); see `mmcross.data.decoded`
     decode_cache_max_gb: float = 8.0  # a training set whose decoded array would be larger streams from its files
@@ -190,7 +193,7 @@ def load_run_cfg(path: str | Path | None = None, overrides: dict[str, str] | Non
             raise ValueError(f"run config {path} must be a mapping")
     matcher = data.pop("matcher", None) or {}
     cfg = from_dict(RunCfg, data)
-    cfg.matcher = _flatten(matcher)
+    cfg.matcher = flatten_dotted(matcher)
     run_keys, matcher_keys = {}, {}
     for key, value in (overrides or {}).items():
         (run_keys if key.split(".")[0] in ("model", "pretrained", "train") else matcher_keys)[key] = value
@@ -199,12 +202,15 @@ def load_run_cfg(path: str | Path | None = None, overrides: dict[str, str] | Non
     return cfg
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"fusion": {"dim": 64}} -> {"fusion.dim": 64}."""
+def flatten_dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys, the form `apply_overrides` and `--set` take.
+
+    `{"fusion": {"dim": 64}}` -> `{"fusion.dim": 64}`; values that are not mappings (lists included) are kept whole.
+    """
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_dotted(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -226,7 +226,7 @@ def run_eval(
 
     `k` candidates per query are re-ranked; None means `DEFAULT_RERANK_K` when the fusion head was trained, and no
     re-ranking when it was not (the report says `"rerank_skipped": "untrained head"`); an explicit `k` > 0 with an
-    untrained head raises `UntrainedHead` unless `allow_untrained_head`.
+    untrained head raises `UntrainedHead` unless `allow_untrained_head`, and so does `hard_negatives`.
 
     Beside the JSON goes its recall@K curve (`out` with suffix .png); `html` gets a self-contained page of the
     `failures` worst queries of each direction and what ranked above their true match. With `hard_negatives`, the
@@ -249,6 +249,8 @@ def run_eval(
         k = DEFAULT_RERANK_K if matcher.head_trained else 0
     elif k > 0 and not allow_untrained_head:
         matcher.require_trained_head("--rerank")
+    if hard_negatives and not allow_untrained_head:
+        matcher.require_trained_head("--hard-negatives")  # its itm and score accuracies would be the head's noise
     result = evaluate(
         matcher, records, k, batch_size=batch_size, workers=workers, failures=failures if html else 0, progress=progress
     )

@@ -23,8 +23,8 @@ from mmcross.config import (
     InferenceCfg,
     MatcherCfg,
     ModelRef,
-    _flatten,
     apply_overrides,
+    flatten_dotted,
     from_dict,
     list_presets,
     load_matcher_cfg,
@@ -352,7 +352,7 @@ def _load_checkpoint_ref(ref: ModelRef, device: str | torch.device) -> Matcher:
 def _changed_fields(a: MatcherCfg, b: MatcherCfg) -> list[str]:
     """Dotted names of the fields whose values differ between two configs."""
 
-    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    fa, fb = flatten_dotted(to_dict(a)), flatten_dotted(to_dict(b))
     return [k for k in fa if fa[k] != fb.get(k)]
 
 

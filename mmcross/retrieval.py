@@ -99,9 +99,9 @@ def config_differences(index_config: dict | None, query_config: dict | None, mos
         return []
     import json
 
-    from mmcross.config import _flatten
+    from mmcross.config import flatten_dotted
 
-    a, b = (_flatten(json.loads(json.dumps(c))) for c in (index_config, query_config))  # tuples -> lists
+    a, b = (flatten_dotted(json.loads(json.dumps(c))) for c in (index_config, query_config))  # tuples -> lists
     keys = [k for k in sorted(a.keys() | b.keys()) if k != "description" and a.get(k) != b.get(k)]
     out = [f"{k} (index {a.get(k)!r}, query {b.get(k)!r})" for k in keys[:most]]
     return out + ([f"{len(keys) - most} more field(s)"] if len(keys) > most else [])

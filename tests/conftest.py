@@ -1,10 +1,11 @@
-"""Shared fixtures: the tiny preset's encoders are built once per session."""
+"""Shared fixtures: the tiny preset's encoders are built once per session; the index tests' generated dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from index_helpers import make_dataset
 
 from mmcross.config import load_matcher_cfg
 from mmcross.encoders import Encoders, load_encoders
@@ -20,6 +21,13 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_encoders(tiny_cfg) -> Encoders:
     return load_encoders(tiny_cfg.encoder)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """12 drawn images in Flickr layout, one caption naming a missing file (`index_helpers.make_dataset`); a module
+    that needs another dataset defines its own `dataset`."""
+    return make_dataset(tmp_path_factory.mktemp("ds"), n=12)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,19 @@
-"""A tiny generated Flickr-layout dataset for the index/search/score tests."""
+"""A tiny generated Flickr-layout dataset for the index/search/score tests, and the CLI call they share.
+
+The module-scoped `dataset` fixture (`make_dataset` with 12 images) is in conftest.py, where pytest shares fixtures
+across files; a module that needs another size defines its own `dataset`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -37,3 +46,10 @@ def make_dataset(root: Path, n: int = 12, missing: bool = True) -> Path:
     (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[: n // 2]) + "\n")
     (root / "Flickr_8k.devImages.txt").write_text("\n".join(names[n // 2 :]) + "\n")
     return root
+
+
+def invoke(args, code: int = 0):
+    """Run `mmcross` with `args` (paths are passed as text) and check that it exits with `code`."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result

@@ -8,10 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from index_helpers import make_dataset
-from typer.testing import CliRunner
+from index_helpers import invoke, make_dataset
 
-from cli import app
 from mmcross.config import PRESET_DIR, ModelRef
 from mmcross.factory import create_matcher
 from mmcross.index.build import BuildOptions, build_index
@@ -19,24 +17,11 @@ from mmcross.index.search import exact_search
 from mmcross.index.store import IndexStore
 from mmcross.retrieval import Query, search_index
 
-runner = CliRunner()
-
-
-def _invoke(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"), n=12)
-
 
 @pytest.fixture(scope="module")
 def built(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("idx") / "index"
-    _invoke(["index", str(dataset), "--out", str(out), "--model", "tiny", "--shard-size", "5", "-j", "0"])
+    invoke(["index", str(dataset), "--out", str(out), "--model", "tiny", "--shard-size", "5", "-j", "0"])
     return out
 
 
@@ -60,7 +45,7 @@ def test_index_writes_clip_retrieval_layout_manifest_and_rejects(built):
 
 
 def test_search_text_image_rerank_and_score_end_to_end(built, dataset, tmp_path, tiny_matcher):
-    out = _invoke(["search", str(built), "--text", "a red circle", "--k", "3", "--json"]).output
+    out = invoke(["search", str(built), "--text", "a red circle", "--k", "3", "--json"]).output
     hits = json.loads(out)["hits"]
     assert len(hits) == 3 and hits[0]["itm"] is None and hits[0]["score"] == hits[0]["itc"]
     query = tiny_matcher.encode_text("a red circle").pooled.detach().numpy()
@@ -68,23 +53,23 @@ def test_search_text_image_rerank_and_score_end_to_end(built, dataset, tmp_path,
     assert [h["corpus_id"] for h in hits] == ranked.tolist()
 
     image = dataset / "images" / "img003.jpg"
-    out = _invoke(["search", str(built), "--image", str(image), "--k", "2", "--json"]).output
+    out = invoke(["search", str(built), "--image", str(image), "--k", "2", "--json"]).output
     assert json.loads(out)["hits"][0]["image_id"] == "img003.jpg"  # an image finds itself first
 
     # a random-init head re-ranks only when asked to (a test of the arithmetic, not of ranking quality)
     args = ["search", str(built), "--text", "a red circle", "--k", "3", "--rerank", "8", "--json"]
-    assert "--allow-untrained-head" in runner.invoke(app, args).output
-    hits = json.loads(_invoke([*args, "--allow-untrained-head"]).output)["hits"]
+    assert "--allow-untrained-head" in invoke(args, code=2).output
+    hits = json.loads(invoke([*args, "--allow-untrained-head"]).output)["hits"]
     assert all(h["itm"] is not None for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     for h in hits:
         assert h["score"] == pytest.approx(h["itm"] + h["itc"], abs=1e-5)
-    out = _invoke(
+    out = invoke(
         ["search", str(built), "--image", str(image), "--target", "captions", "--rerank", "5", "--json"]
         + ["--allow-untrained-head"]
     )
     assert len(json.loads(out.output)["hits"]) == 10
-    table = _invoke(["search", str(built), "--text", "a blue square", "--k", "2", "--html", str(tmp_path / "h.html")])
+    table = invoke(["search", str(built), "--text", "a blue square", "--k", "2", "--html", str(tmp_path / "h.html")])
     assert "rank" in table.output and (tmp_path / "h.html").read_text().count("<img") == 2
 
     pairs = tmp_path / "pairs.csv"
@@ -92,7 +77,7 @@ def test_search_text_image_rerank_and_score_end_to_end(built, dataset, tmp_path,
         "id,image,caption,note\n1,images/img000.jpg,a red circle,x\n2,images/gone.jpg,a dog,y\n"
         '3,images/img001.jpg,,z\n4,images/img002.jpg,"a blue, circle",w\n'
     )
-    _invoke(
+    invoke(
         ["score", str(pairs), "--out", str(tmp_path / "s.parquet"), "--model", "tiny", "--image-root", str(dataset)]
         + ["--allow-untrained-head"]
     )
@@ -114,7 +99,7 @@ def test_score_jsonl_keeps_rows_and_columns(dataset, tmp_path):
     lines = [{"image": "images/img000.jpg", "caption": "red", "k": i} for i in range(5)]
     pairs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "o.jsonl"
-    _invoke(["score", str(pairs), "-o", str(out), "-m", "tiny", "--image-root", str(dataset), "--batch-size", "2"])
+    invoke(["score", str(pairs), "-o", str(out), "-m", "tiny", "--image-root", str(dataset), "--batch-size", "2"])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["k"] for r in rows] == list(range(5)) and all(r["itc"] is not None for r in rows)
 
@@ -123,8 +108,7 @@ def test_fingerprint_mismatch_is_refused_naming_both(built):
     other = create_matcher("tiny", overrides={"fusion.seed": "1"})
     with pytest.raises(ValueError, match=r"built with model tiny \(fingerprint sha256:.*query model is other"):
         search_index(built, [Query(text="a cat")], ref=ModelRef(model="other"), matcher=other)
-    result = runner.invoke(app, ["search", str(built), "--text", "x", "--model", "vit-b-32"])
-    assert result.exit_code == 2 and "fingerprint" in result.output
+    assert "fingerprint" in invoke(["search", str(built), "--text", "x", "--model", "vit-b-32"], code=2).output
 
 
 def test_exact_search_equals_brute_force():
@@ -221,16 +205,15 @@ def test_search_rebuilds_the_model_that_built_the_index(dataset, tmp_path, how):
         path.write_text(json.dumps(config))
         model_args = ["--model", str(path)]
         matcher = create_matcher(str(path))
-    _invoke(["index", str(dataset), "--out", str(out), *model_args, "--shard-size", "5", "-j", "0"])
+    invoke(["index", str(dataset), "--out", str(out), *model_args, "--shard-size", "5", "-j", "0"])
     if how == "config_file":
         path.unlink()  # the manifest holds the resolved config, not only the file's name
     rerank = ["--rerank", "8", "--json", "--allow-untrained-head"]
-    hits = json.loads(_invoke(["search", str(out), "--text", "a red circle", "--k", "3", *rerank]).output)
+    hits = json.loads(invoke(["search", str(out), "--text", "a red circle", "--k", "3", *rerank]).output)
     ids, scores = _direct_hits(dataset, matcher, "a red circle", 3, 8)
     assert [h["corpus_id"] for h in hits["hits"]] == ids
     assert [h["score"] for h in hits["hits"]] == pytest.approx(scores, abs=2e-2)  # tokens are stored in float16
     # --set goes on top of the index's model: a ranking weight is accepted, another architecture is refused
-    again = _invoke(["search", str(out), "--text", "a red circle", "--k", "3", *rerank, "--set", "itc_weight=0"]).output
+    again = invoke(["search", str(out), "--text", "a red circle", "--k", "3", *rerank, "--set", "itc_weight=0"]).output
     assert all(h["score"] == pytest.approx(h["itm"]) for h in json.loads(again)["hits"])
-    refused = runner.invoke(app, ["search", str(out), "--text", "x", "--set", "fusion.dim=16"])
-    assert refused.exit_code == 2 and "fingerprint" in refused.output
+    assert "fingerprint" in invoke(["search", str(out), "--text", "x", "--set", "fusion.dim=16"], code=2).output

@@ -4,41 +4,28 @@ indexes read from another folder, and tables that show whole paths."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
-from index_helpers import make_dataset
+from index_helpers import invoke
 from PIL import Image
-from typer.testing import CliRunner
 
-from cli import app
 from mmcross.factory import create_matcher, save_checkpoint
 
-runner = CliRunner()
 BUILD = ["--model", "tiny", "--shard-size", "5", "-j", "0"]
-
-
-def _invoke(args, code: int = 0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"), n=12)
 
 
 @pytest.fixture(scope="module")
 def clean(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "index"
-    _invoke(["index", dataset, "--out", out, *BUILD])
+    invoke(["index", dataset, "--out", out, *BUILD])
     return out
 
 
 def _hits(index, *extra):
-    out = _invoke(["search", index, "--text", "a red circle", "--k", "50", "--json", *extra]).stdout
+    out = invoke(["search", index, "--text", "a red circle", "--k", "50", "--json", *extra]).stdout
     return json.loads(out)["hits"]
 
 
@@ -72,10 +59,10 @@ def test_damaged_index_is_refused_then_resume_rebuilds_exactly_the_damaged_shard
     index = tmp_path / "index"
     shutil.copytree(clean, index)
     damage(index / file)
-    refused = _invoke(["search", index, "--text", "a red circle", "--json"], code=2)
+    refused = invoke(["search", index, "--text", "a red circle", "--json"], code=2)
     assert message in refused.output and "--resume" in refused.output and len(refused.output.splitlines()) == 1
     shard = int(file.split("_")[-1].split(".")[0])
-    repaired = _invoke(["index", dataset, "--out", index, *BUILD, "--resume"]).output
+    repaired = invoke(["index", dataset, "--out", index, *BUILD, "--resume"]).output
     assert "wrote 1 shard(s)" in repaired and f"shard {shard} was damaged" in repaired
     _same_hits(_hits(index), _hits(clean))
     _same_hits(_hits(index, "--target", "captions"), _hits(clean, "--target", "captions"))
@@ -90,7 +77,7 @@ def test_index_works_from_another_folder(dataset, tmp_path, monkeypatch):
     matcher.head_steps = 1  # stands in for a trained head: re-ranking refuses random-init heads
     save_checkpoint(matcher, work / "ckpt" / "tiny.safetensors")
     monkeypatch.chdir(work)
-    _invoke(["index", "ds", "--out", "idx", *BUILD, "--checkpoint", "ckpt/tiny.safetensors"])
+    invoke(["index", "ds", "--out", "idx", *BUILD, "--checkpoint", "ckpt/tiny.safetensors"])
     monkeypatch.chdir(elsewhere)
     html = elsewhere / "hits.html"
     hits = _hits(work / "idx", "--rerank", "8", "--html", html)
@@ -99,10 +86,38 @@ def test_index_works_from_another_folder(dataset, tmp_path, monkeypatch):
     assert page.count("<img") == 12 and "no image" not in page
 
 
+def test_resume_accepts_a_build_record_with_a_relative_dataset_path_from_its_folder(dataset, tmp_path, monkeypatch):
+    """A job begun before paths were stored absolute (build.json holds the dataset as typed) resumes from the folder
+    that path is relative to, and is then stored absolute; from another folder it names another dataset."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(dataset, work / "ds")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    invoke(["index", "ds", "--out", "idx", *BUILD])
+    build = json.loads((work / "idx" / "build.json").read_text())
+    assert build["dataset"] == os.path.abspath("ds")
+    (work / "idx" / "build.json").write_text(json.dumps({**build, "dataset": "ds"}))  # as an older mmcross wrote it
+    (work / "idx" / "img_emb" / "img_emb_1.npy").unlink()
+
+    monkeypatch.chdir(elsewhere)  # "ds" from here is another folder
+    refused = invoke(["index", work / "ds", "--out", work / "idx", *BUILD, "--resume"], code=2).output
+    assert "--resume with another dataset" in refused and "the folder the job was started in" in refused
+    assert json.loads((work / "idx" / "build.json").read_text())["dataset"] == "ds"  # a refusal changes nothing
+
+    monkeypatch.chdir(work)
+    repaired = invoke(["index", "ds", "--out", "idx", *BUILD, "--resume"]).output
+    assert "wrote 1 shard(s)" in repaired and "shard 1 was damaged" in repaired
+    for name in ("build.json", "manifest.json"):
+        assert json.loads((work / "idx" / name).read_text())["dataset"] == os.path.abspath("ds")
+    monkeypatch.chdir(elsewhere)  # stored absolute now: a later resume works from any folder, and so does search
+    assert "wrote 0 shard(s)" in invoke(["index", work / "ds", "--out", work / "idx", *BUILD, "--resume"]).output
+    assert len(_hits(work / "idx")) == 12
+
+
 def test_set_index_refusal_names_the_field_that_differs(dataset, tmp_path):
     index = tmp_path / "index"
-    _invoke(["index", dataset, "--out", index, *BUILD, "--set", "fusion.seed=1"])
-    refused = _invoke(["search", index, "--text", "x", "--set", "fusion.seed=2"], code=2)
+    invoke(["index", dataset, "--out", index, *BUILD, "--set", "fusion.seed=1"])
+    refused = invoke(["search", index, "--text", "x", "--set", "fusion.seed=2"], code=2)
     assert "fusion.seed (index 1, query 2)" in refused.output
     assert "query model is tiny" not in refused.output  # the same name twice says nothing
 
@@ -117,17 +132,17 @@ def test_unreadable_query_image_is_rejected_and_the_rest_answered(clean, dataset
     ]
     queries = tmp_path / "q.jsonl"
     queries.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    result = _invoke(["search", clean, "--queries", queries, "--k", "2", "--json"])
+    result = invoke(["search", clean, "--queries", queries, "--k", "2", "--json"])
     answers = json.loads(result.stdout)
     assert [len(a["hits"]) for a in answers] == [2, 0, 0, 2] and answers[3]["hits"][0]["image_id"] == "img003.jpg"
     assert "missing.jpg" in answers[1]["reject"] and "broken.jpg" in answers[2]["reject"]
     assert "reject: query 2" in result.stderr and "reject: query 3" in result.stderr
     assert "reject" not in answers[0] and "reject: query 1" not in result.stderr
-    table = _invoke(["search", clean, "--queries", queries, "--k", "2", "--html", tmp_path / "q.html"])
+    table = invoke(["search", clean, "--queries", queries, "--k", "2", "--html", tmp_path / "q.html"])
     assert "img003.jpg" in table.stdout and "reject: query 3" in table.stderr
     assert (tmp_path / "q.html").read_text().count("not searched: ") == 2
     queries.write_text(json.dumps({"image": "missing.jpg"}) + "\n")
-    nothing = _invoke(["search", clean, "--queries", queries], code=1)
+    nothing = invoke(["search", clean, "--queries", queries], code=1)
     assert "no query could be searched" in nothing.stderr
 
 
@@ -140,10 +155,10 @@ def test_search_table_shows_whole_paths_relative_to_the_dataset(tmp_path):
         Image.new("RGB", (32, 32), colour).save(tmp_path / "ds" / name)
         rows.append(f"{name},a long caption about a {colour} beach at sunset with friends and family at home")
     (tmp_path / "ds" / "pairs.csv").write_text("\n".join(rows) + "\n")
-    _invoke(["index", tmp_path / "ds" / "pairs.csv", "--out", tmp_path / "index", *BUILD])
-    table = _invoke(["search", tmp_path / "index", "--text", "a red beach", "--k", "3"]).stdout
+    invoke(["index", tmp_path / "ds" / "pairs.csv", "--out", tmp_path / "index", *BUILD])
+    table = invoke(["search", tmp_path / "index", "--text", "a red beach", "--k", "3"]).stdout
     for i in range(3):
         assert f"{folder}/beach_sunset_with_friends_and_family_number_{i:03d}.jpg" in table
     assert "…" not in table and str(tmp_path) not in table
-    captions = _invoke(["search", tmp_path / "index", "--text", "red", "--target", "captions", "--k", "3"]).stdout
+    captions = invoke(["search", tmp_path / "index", "--text", "red", "--target", "captions", "--k", "3"]).stdout
     assert "…" not in captions and "number_000.jpg" in captions

@@ -107,6 +107,22 @@ def test_eval_skips_or_refuses_rerank_with_an_untrained_head(shapes, ckpts, tmp_
     assert json.loads(out.read_text())["k"] == 16 and json.loads(out.read_text())["rerank_metrics"] is not None
 
 
+def test_eval_hard_negatives_refuses_an_untrained_head(ckpts, tmp_path):
+    from mmcross.data.synth import write_synth
+
+    synth = tmp_path / "synth"
+    write_synth(synth, n_images=30, seed=1, image_size=32)
+    base = ["eval", str(synth), "--split", "test", "--hard-negatives", "--quiet"]
+    for model in (["--model", "tiny"], ["--checkpoint", str(ckpts["untrained"])]):
+        _refused([*base, *model], "--hard-negatives needs a trained match head", "--allow-untrained-head")
+    out = tmp_path / "eval.json"
+    _ok([*base, "--model", "tiny", "--allow-untrained-head", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["hard_negatives"]["pairs"] > 0 and report["head"] == {"trained": False, "steps": 0}
+    _ok([*base, "--checkpoint", str(ckpts["trained"]), "--rerank", "0", "--out", str(out)])
+    assert "hard_negative_accuracy_itm" in json.loads(out.read_text())["hard_negatives"]
+
+
 def test_score_writes_itc_and_leaves_itm_empty_with_an_untrained_head(dataset, ckpts, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"image": "images/img000.jpg", "caption": "a red circle"}, {"image": "images/gone.jpg", "caption": "x"}]

@@ -92,12 +92,24 @@ def _plan(root: Path, opts: BuildOptions, job: dict) -> tuple[dict, int]:
         if not build_path.is_file():
             raise FileNotFoundError(f"nothing to resume in {root} (no {store.BUILD}); run without --resume")
         old = json.loads(build_path.read_text())
+        upgraded = _relative_to_cwd(old["dataset"], job["dataset"])  # a job begun before paths were stored absolute
+        if upgraded:
+            old = _absolute_paths(old, job)
         for key in ("fingerprint", "embed_images", "embed_captions", "cache_tokens", "shard_size", "dataset"):
             if old[key] != job[key]:
-                raise ValueError(f"--resume with another {key}: the job in {root} has {old[key]!r}, not {job[key]!r}")
+                hint = (
+                    " (a relative path: resume from the folder the job was started in)"
+                    if key == "dataset" and _is_relative(old[key])
+                    else ""
+                )
+                raise ValueError(
+                    f"--resume with another {key}: the job in {root} has {old[key]!r}, not {job[key]!r}{hint}"
+                )
         if inference_of(old) != job["inference"]:  # one index, one precision: its vectors are compared with each other
             was, now = describe_inference(inference_of(old)), describe_inference(job["inference"])
             raise ValueError(f"--resume with another precision/runtime: the job in {root} has {was}, not {now}")
+        if upgraded and opts.rank == 0:
+            store.atomic_write_json(build_path, old)  # stored absolute, so a later --resume works from any folder
         return old, old["first_shard"]
     if opts.append:
         manifest = store.read_manifest(root)
@@ -224,6 +236,25 @@ def _portable(location: str | Path) -> str:
     `pipe:` commands as given."""
     text = str(location)
     return text if "://" in text or text.startswith("pipe:") else os.path.abspath(text)
+
+
+def _is_relative(location: str | None) -> bool:
+    """Whether `location` is a local path that is not absolute (as build records held them before `_portable`)."""
+    return bool(location) and _portable(location) != location
+
+
+def _relative_to_cwd(old: str | None, new: str | None) -> bool:
+    """Whether `old` is a relative path that names `new` (an absolute one) from the current working directory."""
+    return _is_relative(old) and _portable(old) == new
+
+
+def _absolute_paths(old: dict, job: dict) -> dict:
+    """A build record written before paths were stored absolute, with the dataset (and the image root, when it too
+    names this job's from here) as this job spells them."""
+    data = dict(old.get("data") or {})
+    if _relative_to_cwd(data.get("image_root"), job["data"].get("image_root")):
+        data["image_root"] = job["data"]["image_root"]
+    return {**old, "dataset": job["dataset"], "data": data}
 
 
 def _sound_shards(root: Path, job: dict, notes: list[str]) -> set[int]:
