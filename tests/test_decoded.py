@@ -17,6 +17,7 @@ from torchvision.transforms import functional as TF
 
 from mmcross.data.decoded import DecodedImages, augment_batch
 from mmcross.data.records import Record
+from mmcross.data.word_drop import drop_words
 from mmcross.train import EpochPlan, fit, known_matches
 from tests.train_helpers import make_shapes, short_run
 
@@ -87,6 +88,34 @@ def test_random_crops_are_seeded_and_stay_inside():
     assert a.shape == (16, 3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
     assert len({round(float(m), 3) for m in a.mean(dim=(1, 2, 3))}) > 1  # different crops per image
+
+
+def test_mirrors_flip_about_half_of_the_crops_and_leave_the_crops_alone():
+    images = torch.randint(0, 256, (64, 12, 12, 3), dtype=torch.uint8)
+    crop = lambda hflip: augment_batch(  # noqa: E731
+        images, (6, 6), [0, 0, 0], [1, 1, 1], min_scale=0.5, hflip=hflip, generator=torch.Generator().manual_seed(4)
+    )
+    plain, mirrored = crop(False), crop(True)
+    flipped = [torch.equal(m, p.flip(-1)) and not torch.equal(m, p) for p, m in zip(plain, mirrored)]
+    kept = [torch.equal(m, p) for p, m in zip(plain, mirrored)]
+    assert all(f or k for f, k in zip(flipped, kept))  # each crop is the same crop, mirrored or not
+    assert 16 < sum(flipped) < 48
+
+
+def test_caption_word_drop_is_seeded_and_keeps_a_word():
+    captions = ["a dog runs on the beach", "two children play in the snow", "dog", ""]
+    draw = lambda seed, p: drop_words(captions, p, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert draw(0, 0.0) == captions and draw(1, 0.3) == draw(1, 0.3)
+    dropped = draw(1, 0.3)
+    for before, after in zip(captions[:2], dropped[:2]):
+        words = before.split()
+        assert 1 <= len(after.split()) <= len(words)
+        it = iter(words)
+        assert all(w in it for w in after.split())  # what stays keeps its order
+    assert dropped[2:] == ["dog", ""]  # a one-word or empty caption is left as it is
+    assert all(len(c.split()) == 1 for c in draw(2, 0.99)[:2])  # one word always stays
+    many = [draw(s, 0.3) for s in range(20)]
+    assert len({tuple(m) for m in many}) > 10  # different draws for different seeds
 
 
 def test_an_epoch_shows_every_caption_once_with_distinct_images():

@@ -47,10 +47,12 @@ def test_short_run_lowers_the_loss(shapes, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.safetensors") is not None
 
 
-# augment: random crops on the decoded-image cache; per_image: captions of one image per batch (one tower pass)
-@pytest.mark.parametrize(("augment", "per_image"), [(False, 1), (True, 1), (True, 2)])
-def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path, augment, per_image):
-    cfg = _run(shapes, ckpt_every=2, augment=augment, captions_per_image=per_image)
+# augment: random crops on the decoded-image cache (with mirrors and caption word dropout in the last case);
+# per_image: captions of one image per batch (one tower pass)
+@pytest.mark.parametrize(("augment", "per_image", "regularise"), [(False, 1, False), (True, 1, False), (True, 2, True)])
+def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path, augment, per_image, regularise):
+    extra = dict(augment_hflip=True, caption_word_drop=0.2) if regularise else {}
+    cfg = _run(shapes, ckpt_every=2, augment=augment, captions_per_image=per_image, **extra)
     full = fit(cfg, tmp_path / "full", progress=False)
 
     class Killed(Exception):
@@ -319,6 +321,7 @@ def test_checkpoints_record_the_steps_that_trained_the_head(shapes, tmp_path):
         ("max_steps", 0, "max_steps must be at least 1"),
         ("max_steps", -5, "at least 1"),
         ("lr", -1, "lr must be positive"),
+        ("caption_word_drop", 1.0, "caption_word_drop is a probability"),
     ],
 )
 def test_bad_numbers_are_refused_before_the_run(shapes, tmp_path, key, value, message):

@@ -173,13 +173,15 @@ def augment_batch(
     std: Sequence[float],
     *,
     min_scale: float | None,
+    hflip: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, H, W) normalised float: a random resized crop of each image, or (`min_scale`
     None) the whole image resized, which is the evaluation transform at the cache's scale.
 
     The crop draws the area share from U(min_scale, 1) and the log aspect ratio from U(log 3/4, log 4/3), as
-    torchvision's `RandomResizedCrop` does (falling back to the whole image when a draw does not fit)."""
+    torchvision's `RandomResizedCrop` does (falling back to the whole image when a draw does not fit); `hflip` then
+    mirrors each crop left-right with probability 1/2 (drawn after the crops, so the crops do not change)."""
     from torchvision.ops import roi_align
 
     b, s = images.shape[0], images.shape[1]
@@ -199,6 +201,9 @@ def augment_batch(
     rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], dim=1)  # (B, 5) batch index + box
     # sampling_ratio 0: as many samples per output cell as the box has pixels there (an area average, no aliasing)
     out = roi_align(x, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=0, aligned=True)  # (B, 3, H, W)
+    if hflip:
+        mirror = torch.rand(b, generator=generator) < 0.5  # (B,)
+        out = torch.where(mirror[:, None, None, None], out.flip(-1), out)
     mean_t = torch.tensor(mean, dtype=out.dtype)[None, :, None, None]
     std_t = torch.tensor(std, dtype=out.dtype)[None, :, None, None]
     return (out - mean_t) / std_t

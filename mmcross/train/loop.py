@@ -135,6 +135,8 @@ def check_cfg(cfg: TrainCfg) -> None:
         )
     if not 0.0 <= cfg.itm_uniform_negatives <= 1.0:
         raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
+    if not 0.0 <= cfg.caption_word_drop < 1.0:
+        raise ValueError(f"train.caption_word_drop is a probability in [0, 1), not {cfg.caption_word_drop}")
     if cfg.dataset_negatives and cfg.feature_cache:
         raise ValueError("train.dataset_negatives is not supported with train.feature_cache")
     if cfg.dataset_negatives and cfg.captions_per_image > 1:

@@ -23,6 +23,7 @@ from mmcross.config import DataCfg, TrainCfg
 from mmcross.data.decoded import DecodedImages, augment_batch, default_cache_dir
 from mmcross.data.loader import collate, load_item
 from mmcross.data.records import NothingReadable, Record, Reject, caption_key
+from mmcross.data.word_drop import drop_words
 from mmcross.dist import barrier
 from mmcross.encode import encode_records, encode_texts
 from mmcross.features import ImageFeatures, TextFeatures
@@ -191,8 +192,9 @@ def normalisation(transform) -> tuple[list[float], list[float]]:
 
 
 def streaming_transform(matcher: Matcher, cfg: TrainCfg):
-    """The PIL transform of the streaming path: open_clip's training transform with `augment_min_scale`."""
-    from torchvision.transforms import Compose, RandomResizedCrop
+    """The PIL transform of the streaming path: open_clip's training transform with `augment_min_scale` (and a
+    left-right mirror with `augment_hflip`)."""
+    from torchvision.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop
 
     encoder = matcher.image_encoder
     if not cfg.augment or encoder.preprocess_train is None:
@@ -203,6 +205,8 @@ def streaming_transform(matcher: Matcher, cfg: TrainCfg):
         steps[0] = RandomResizedCrop(
             first.size, scale=(cfg.augment_min_scale, 1.0), ratio=first.ratio, interpolation=first.interpolation
         )
+        if cfg.augment_hflip:
+            steps.insert(1, RandomHorizontalFlip())
         return Compose(steps)
     return encoder.preprocess_train
 
@@ -374,11 +378,12 @@ class BatchSource:
                 self.mean,
                 self.std,
                 min_scale=cfg.augment_min_scale if cfg.augment else None,
+                hflip=cfg.augment and cfg.augment_hflip,
                 generator=generator,
             )
             rows = [self.records[i] for i in images]
             captions = [r.captions[c] for r, c in zip(rows, caption_idx)]
-            tokens = self.matcher.tokenize(captions)
+            tokens = self._tokenize(captions, m)
             yield MicroBatch(pixels, tokens, len(captions), *self._labelled(rows, captions), image_rows)
             m += 1
 
@@ -397,7 +402,7 @@ class BatchSource:
             generator=torch.Generator().manual_seed(cfg.seed),
             persistent_workers=False,
         )
-        for batch, planned in loader:
+        for m, (batch, planned) in enumerate(loader, start=first):
             self._note_rejects(batch.rejects)
             if batch.pixels is None:
                 yield MicroBatch(None, None, 0, None, None)
@@ -407,8 +412,15 @@ class BatchSource:
             rows = [batch.records[k] for k, _ in kept]
             captions = [record.captions[c] for record, (_, c) in zip(rows, kept)]
             image_rows = None if self.plan.per_image == 1 else torch.tensor([k for k, _ in kept])
-            tokens = self.matcher.tokenize(captions)
+            tokens = self._tokenize(captions, m)
             yield MicroBatch(batch.pixels, tokens, len(captions), *self._labelled(rows, captions), image_rows)
+
+    def _tokenize(self, captions: list[str], m: int) -> torch.Tensor:
+        """Token ids of micro-batch m's captions after its word dropout (labels keep the captions as written)."""
+        if self.cfg.caption_word_drop > 0:
+            generator = torch.Generator().manual_seed(mix_seed(self.cfg.seed, m, self.rank, 5))
+            captions = drop_words(captions, self.cfg.caption_word_drop, generator)
+        return self.matcher.tokenize(captions)
 
     def _note_rejects(self, rejects: list[tuple[int, Reject]]) -> None:
         """Keep each streamed reject once (an image is met every epoch); stop when no training image is usable."""
