@@ -51,3 +51,15 @@ def test_unknown_preset_and_unknown_file_field_are_clear_errors(tmp_path):
     path.write_text(json.dumps({"fusion": {"layers": 2}}))
     with pytest.raises(ValueError, match="unknown FusionCfg field"):
         load_matcher_cfg(str(path))
+
+
+@pytest.mark.parametrize("name", ["demo-synth", "flickr8k-scratch", "flickr30k-finetune"])
+def test_shipped_run_configs_load_and_pass_the_checks(name):
+    from pathlib import Path
+
+    from mmcross.config import load_run_cfg
+    from mmcross.train.loop import check_cfg
+
+    cfg = load_run_cfg(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    check_cfg(cfg.train)  # every field known, every value in range, before anything is built
+    resolve_cfg(cfg.model, None, cfg.matcher)  # its model and matcher overrides resolve
