@@ -28,7 +28,10 @@ _ALLOW_UNTRAINED = typer.Option(
 )
 # how the encoders run (mmcross.fast): every command that encodes takes these two
 _PRECISION = typer.Option(
-    "fp32", "--precision", help="Encoders in fp32 (exact) or int8 (faster on a CPU; needs pip install 'mmcross[fast]')."
+    "fp32",
+    "--precision",
+    # `\[` keeps rich (typer's help renderer) from reading "[fast]" as a style tag and dropping it
+    help="Encoders in fp32 (exact) or int8 (faster on a CPU; needs the fast extra: pip install -e '.\\[fast]').",
 )
 _RUNTIME = typer.Option(
     "auto", "--runtime", help="torch, onnx (ONNX Runtime) or openvino; auto: torch for fp32, onnx for int8."
@@ -399,7 +402,8 @@ def search(
     with user_errors():
         named = any(x is not None for x in (model, pretrained, checkpoint))  # else: the model that built the index
         qs = read_queries(queries) if queries else [Query(text=text, image=str(image) if image else None)]
-        chosen = None if (precision, runtime) == (None, None) else _inference(precision or "fp32", runtime or "auto")
+        # what is not given is the index's (search_index fills it in)
+        chosen = None if (precision, runtime) == (None, None) else _inference(precision, runtime)
         results = search_index(
             index_dir,
             qs,

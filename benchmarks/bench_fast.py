@@ -98,8 +98,8 @@ def run_fast(preset: str = "vit-b-32", n_images: int = 1000, n_captions: int = 5
         vectors = {}
         skipped = []
         for precision, runtime in CONFIGS:
-            if runtime != "torch" and missing_packages(runtime):
-                skipped.append(f"{precision}-{runtime} (missing {', '.join(missing_packages(runtime))})")
+            if runtime != "torch" and missing_packages(runtime, precision):
+                skipped.append(f"{precision}-{runtime} (missing {', '.join(missing_packages(runtime, precision))})")
                 continue
             name = f"fast.{preset}.{precision}-{runtime}"
             start = time.perf_counter()

@@ -296,7 +296,9 @@ def search_index(
     to `html` when given. A query that cannot be encoded (an unreadable image) gets an `Answer` with its `reject`
     reason and no hits; the others are answered. `rerank` with a head no run has trained raises `UntrainedHead`
     unless `allow_untrained_head`. Queries are encoded as `inference` says (`mmcross.fast`), by default as the index
-    was built; another precision or runtime than the index's works (same weights, close vectors) and is noted once."""
+    was built; a field of `inference` left None is the index's (the runtime only when the precision is the index's
+    too, else `auto`; the precision fp32 with runtime torch). Another precision or runtime than the index's works
+    (same weights, close vectors) and is noted once."""
     from mmcross.factory import load_matcher, model_fingerprint, reference_name
     from mmcross.fast import note, use_inference
     from mmcross.index.build import describe_inference, inference_of
@@ -309,6 +311,11 @@ def search_index(
     loaded = matcher is None
     matcher = matcher if matcher is not None else load_matcher(ref)
     check_fingerprint(index, model_fingerprint(matcher), reference_name(ref), to_dict(matcher.cfg))
+    if inference is not None:  # `--runtime openvino` alone keeps the index's precision, as --help says
+        # (torch runs fp32 only: `--runtime torch` alone means fp32 queries)
+        precision = inference.precision or ("fp32" if inference.runtime == "torch" else built["precision"])
+        same = precision == built["precision"]
+        inference = InferenceCfg(precision, inference.runtime or (built["runtime"] if same else "auto"))
     if loaded or inference is not None:  # after the check: another model is refused before any graph is built
         use_inference(matcher, inference or InferenceCfg(built["precision"], built["runtime"]), ref)
     if to_dict(matcher.inference) != built:

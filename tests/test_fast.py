@@ -25,7 +25,7 @@ from mmcross.fast.cache import graph
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 needs_fast = pytest.mark.skipif(
-    bool(fast.missing_packages("onnx")), reason="the fast extra (pip install 'mmcross[fast]') is not installed"
+    bool(fast.missing_packages("onnx")), reason="the fast extra (pip install -e '.[fast]') is not installed"
 )
 CAPTIONS = ["a dog", "a red circle left of a blue square", "two people walk on a beach at sunset"]
 
@@ -67,6 +67,7 @@ def test_int8_vectors_close_to_fp32_both_towers(fp32, int8):
 
 
 OPENVINO_CHECK = """
+import json
 import torch
 from mmcross.config import InferenceCfg, ModelRef
 from mmcross.encode import encode_texts
@@ -74,26 +75,53 @@ from mmcross.factory import load_matcher
 captions = {captions!r}
 fp32 = load_matcher(ModelRef(model="tiny"))
 ov = load_matcher(ModelRef(model="tiny"), inference=InferenceCfg("int8", "openvino"))
+pixels = torch.randn(5, 3, *fp32.image_encoder.image_size, generator=torch.Generator().manual_seed(0))
 a, b = encode_texts(fp32, captions), encode_texts(ov, captions)
-print((a.pooled * b.pooled).sum(-1).min().item())
+i, j = fp32.encode_image(pixels), ov.encode_image(pixels)
+one = ov.encode_text("a dog")  # batch of one, the shortest caption: the graph's axes stay dynamic
+cosines = {{
+    "text": (a.pooled * b.pooled).sum(-1).min().item(),
+    "image": (i.pooled * j.pooled).sum(-1).min().item(),
+    "one": (one.pooled * fp32.encode_text("a dog").pooled).sum().item(),
+}}
+print(json.dumps(cosines))
 """
 
 
-@needs_fast
-def test_openvino_runs_the_same_graphs(tmp_path):
-    pytest.importorskip("openvino")
+def _run_openvino(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     # In its own process: once OpenVINO's threading runtime is loaded, a later multi-threaded torch training in the
     # same process can crash (seen as a segfault of the test run), so the suite never loads it into pytest itself.
-    env = {**os.environ, "MMCROSS_CACHE": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", OPENVINO_CHECK.format(captions=CAPTIONS)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    env = {**os.environ, "MMCROSS_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert float(done.stdout.strip().splitlines()[-1]) > 0.995
+    return done
+
+
+@pytest.mark.skipif(bool(fast.missing_packages("openvino", "int8")), reason="openvino or nncf is not installed")
+def test_openvino_int8_is_its_own_nncf_graph_cached_and_close_to_fp32(tmp_path, monkeypatch, fp32):
+    # the command line first, on an empty cache: NNCF builds both towers, and stdout stays the JSON lines alone
+    embed = ["cli.py", "embed", "-m", "tiny", "-t", "a dog", "-t", "a cat", "--precision", "int8"]
+    done = _run_openvino([*embed, "--runtime", "openvino", "--quiet"], tmp_path)
+    assert [json.loads(line)["text"] for line in done.stdout.splitlines()] == ["a dog", "a cat"]
+    for tower in ("image", "text"):
+        assert f"built the int8 {tower} graph for openvino" in done.stderr
+    monkeypatch.setenv("MMCROSS_CACHE", str(tmp_path))  # where the subprocess put its graphs
+    folder = graph_cache_dir(ModelRef(model="tiny"), fp32)
+    names = {p.name for p in folder.iterdir()}
+    assert {"image-int8-openvino.xml", "image-int8-openvino.bin", "text-int8-openvino.json"} <= names
+    assert "image-int8.onnx" not in names  # ONNX Runtime's int8 graph is not what OpenVINO runs
+    key = json.loads((folder / "image-int8-openvino.json").read_text())
+    assert key["runtime"] == "openvino" and {"openvino", "nncf"} <= set(key["versions"])
+    assert {"sha256", "sha256_bin"} <= set(key)
+
+    # a damaged weights file is rebuilt; the text graph, intact, is reused; the vectors stay close to torch fp32
+    weights = folder / "image-int8-openvino.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    done = _run_openvino(["-c", OPENVINO_CHECK.format(captions=CAPTIONS)], tmp_path)
+    assert "built the int8 image graph for openvino" in done.stderr
+    assert "text graph" not in done.stderr and "built the fp32" not in done.stderr  # nothing else converted again
+    cosines = json.loads(done.stdout.strip().splitlines()[-1])
+    assert min(cosines.values()) > 0.995, cosines
 
 
 @needs_fast
@@ -139,12 +167,18 @@ def test_index_int8_manifest_and_mixed_precision_search(tmp_path, int8):
 
     same = _invoke(["search", str(out), "--text", "a red circle", "--k", "3", "--json"])
     assert "close, not equal" not in same.stderr  # queries default to the index's own precision
+    # naming only the runtime keeps the index's precision (--help: "default: as the index was built")
+    same = _invoke(["search", str(out), "--text", "a red circle", "--k", "3", "--json", "--runtime", "onnx"])
+    assert "close, not equal" not in same.stderr
     queries = tmp_path / "q.txt"
     queries.write_text("a red circle\na blue square\n")
     mixed = _invoke(["search", str(out), "--queries", str(queries), "--k", "3", "--json", "--precision", "fp32"])
     assert mixed.stderr.count("holds int8 (onnx) vectors, the queries are encoded fp32 (torch)") == 1
     answers = json.loads(mixed.stdout)
     assert [len(a["hits"]) for a in answers] == [3, 3]
+    fast._said.clear()  # the note is said once per process: this one again
+    torch32 = _invoke(["search", str(out), "--text", "a red circle", "--k", "3", "--json", "--runtime", "torch"])
+    assert "the queries are encoded fp32 (torch)" in torch32.stderr  # torch runs fp32 only: not refused as int8
     refused = runner.invoke(app, ["search", str(out), "--text", "x", "--set", "encoder.seed=1"])
     assert refused.exit_code == 2 and "differs in encoder.seed" in refused.stderr  # another model: refused
 
@@ -160,13 +194,26 @@ def test_eval_reports_int8(tmp_path, int8):
 
 
 def test_missing_extra_falls_back_to_torch_in_one_line(monkeypatch):
-    monkeypatch.setattr(fast, "missing_packages", lambda runtime: ["onnxruntime"])
+    monkeypatch.setattr(fast, "missing_packages", lambda runtime, precision="fp32": ["onnxruntime"])
     monkeypatch.setattr(fast, "_said", set())
     result = _invoke(["embed", "-m", "tiny", "-t", "a dog", "-t", "a cat", "--precision", "int8", "--quiet"])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["note: --runtime onnx needs onnxruntime (pip install 'mmcross[fast]'); running torch fp32 instead"]
+    assert lines == [
+        "note: --runtime onnx needs onnxruntime (the fast extra: pip install -e '.[fast]' in mmcross's folder); "
+        "running torch fp32 instead"
+    ]
     plain = _invoke(["embed", "-m", "tiny", "-t", "a dog", "-t", "a cat", "--quiet"])
     assert result.stdout == plain.stdout  # what ran is exactly the fp32 path
+
+
+def test_help_names_the_extra():
+    # rich, which renders typer's help, reads "[fast]" as a style tag unless escaped: the help said "pip install
+    # 'mmcross'"; and mmcross is not on the package registry, so the line names the editable install of the checkout
+    for command in ("index", "search", "embed", "score", "eval"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"})
+        assert result.exit_code == 0
+        if command != "search":  # search's --precision defaults to the index's and names no extra
+            assert "pip install -e '.[fast]'" in result.output, command
 
 
 def test_int8_on_torch_and_unknown_values_are_refused():

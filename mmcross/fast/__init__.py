@@ -5,9 +5,11 @@ command that encodes through `mmcross.encode` (index, search, score, embed, eval
 stay in place (training, the fusion re-rank and the weights' fingerprint are untouched). fp32 + torch leaves the
 model exactly as it was.
 
-int8 is ONNX Runtime's dynamic quantisation (weights int8 per output channel, activations quantised per batch at run
-time): the runtime's documented choice for transformers, with no calibration set to choose or keep; OpenVINO runs
-the same quantised graph. Graphs are cached (`mmcross.fast.cache`), built once per weights.
+int8 on ONNX Runtime is its dynamic quantisation (weights int8 per output channel, activations quantised per batch
+at run time): the runtime's documented choice for transformers, with no calibration set to choose or keep. int8 on
+OpenVINO is its own: NNCF's weight compression (weights int8 per output channel; the CPU plugin quantises the
+activations at run time in groups of 32), again without a calibration set. Graphs are cached (`mmcross.fast.cache`),
+built once per weights.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from mmcross.config import InferenceCfg, ModelRef
 
 PRECISIONS = ("fp32", "int8")
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
-EXTRA = "pip install 'mmcross[fast]'"
+EXTRA = "the fast extra: pip install -e '.[fast]' in mmcross's folder"  # mmcross is not on the package registry
 _said: set[str] = set()
 
 
@@ -43,9 +45,11 @@ def resolve(cfg: InferenceCfg) -> InferenceCfg:
     return InferenceCfg(cfg.precision, runtime)
 
 
-def missing_packages(runtime: str) -> list[str]:
-    """Packages of the `fast` extra that `runtime` needs and this environment lacks."""
-    needed = ["onnx", "onnxscript", "onnxruntime"] + (["openvino"] if runtime == "openvino" else [])
+def missing_packages(runtime: str, precision: str = "fp32") -> list[str]:
+    """Packages of the `fast` extra that `runtime` at `precision` needs and this environment lacks."""
+    needed = ["onnx", "onnxscript", "onnxruntime"]
+    if runtime == "openvino":
+        needed += ["openvino"] + (["nncf"] if precision == "int8" else [])
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
@@ -61,7 +65,7 @@ def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
     matcher.inference = InferenceCfg("fp32", "torch")
     if cfg.runtime == "torch":
         return matcher
-    missing = missing_packages(cfg.runtime)
+    missing = missing_packages(cfg.runtime, cfg.precision)
     if missing:
         note(f"--runtime {cfg.runtime} needs {', '.join(missing)} ({EXTRA}); running torch fp32 instead")
         return matcher
@@ -70,13 +74,16 @@ def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
     if getattr(matcher.text_encoder, "tower", None) is not None:
         raise ValueError(f"--runtime {cfg.runtime} exports open_clip CLIP-style text towers only, not this model's")
     from mmcross.factory import graph_cache_dir, model_fingerprint
-    from mmcross.fast.cache import graph
+    from mmcross.fast.cache import graph, openvino_int8_graph
     from mmcross.fast.sessions import open_session
 
     fingerprint = model_fingerprint(matcher)
     cache_dir = graph_cache_dir(ref, matcher, fingerprint)
     for tower, encoder in (("image", matcher.image_encoder), ("text", matcher.text_encoder)):
-        path = graph(matcher, tower, cfg.precision, cache_dir, fingerprint)
+        if (cfg.precision, cfg.runtime) == ("int8", "openvino"):  # OpenVINO's own int8 (NNCF), not ONNX Runtime's
+            path = openvino_int8_graph(matcher, tower, cache_dir, fingerprint)
+        else:
+            path = graph(matcher, tower, cfg.precision, cache_dir, fingerprint)
         encoder.runtime = open_session(path, cfg.runtime)
     matcher.inference = cfg
     return matcher

@@ -5,6 +5,10 @@ A graph `{tower}-{precision}.onnx` sits in a cache folder (next to the weights i
 architecture, image size, the versions of the exporter and quantiser, and the graph's sha256. A graph is used only
 when every field matches and the file's hash is the recorded one; otherwise (other weights, another version, a
 truncated or foreign file) it is rebuilt. ONNX files hold tensors and a graph, no Python objects: nothing unpickles.
+
+OpenVINO's int8 graph is its own: `{tower}-int8-openvino.xml` + `.bin` (OpenVINO IR: an XML graph and raw weight
+bytes), NNCF's weight compression of the fp32 ONNX graph, keyed the same way plus the openvino and nncf versions and
+the sha256 of both files.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ from pathlib import Path
 FORMAT = "mmcross.graph"
 
 
-def versions() -> dict[str, str]:
+ONNX_TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime")
+OPENVINO_TOOLS = (*ONNX_TOOLS, "openvino", "nncf")
+
+
+def versions(tools: tuple[str, ...] = ONNX_TOOLS) -> dict[str, str]:
     """What the graph bytes depend on besides the weights: the exporter and quantiser versions."""
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime")}
+    return {name: version(name) for name in tools}
 
 
-def key_of(matcher, tower: str, precision: str, fingerprint: str) -> dict:
+def key_of(matcher, tower: str, precision: str, fingerprint: str, tools: tuple[str, ...] = ONNX_TOOLS) -> dict:
     cfg = matcher.cfg
     return {
         "format": FORMAT,
@@ -35,7 +43,7 @@ def key_of(matcher, tower: str, precision: str, fingerprint: str) -> dict:
         "preset": cfg.name,
         "architecture": cfg.encoder.model_name,
         "image_size": list(matcher.image_encoder.image_size),
-        "versions": versions(),
+        "versions": versions(tools),
     }
 
 
@@ -47,16 +55,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cached(folder: Path, name: str, key: dict) -> Path | None:
-    """The graph `name` in `folder` if its key file matches `key` and its bytes match the key's hash, else None."""
-    path, key_path = folder / f"{name}.onnx", folder / f"{name}.json"
+def _hashes(path: Path) -> dict[str, str]:
+    """sha256 of a graph's files: the `.onnx` file alone, or an OpenVINO `.xml` and its `.bin`."""
+    hashes = {"sha256": _sha256(path)}
+    if path.suffix == ".xml":
+        hashes["sha256_bin"] = _sha256(path.with_suffix(".bin"))
+    return hashes
+
+
+def cached(folder: Path, name: str, key: dict, suffix: str = ".onnx") -> Path | None:
+    """The graph `name` in `folder` if its key file matches `key` and its bytes match the key's hashes, else None."""
+    path, key_path = folder / f"{name}{suffix}", folder / f"{name}.json"
     try:
         stored = json.loads(key_path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(stored, dict) or {k: stored.get(k) for k in key} != key or not path.is_file():
         return None
-    return path if stored.get("sha256") == _sha256(path) else None
+    if suffix == ".xml" and not path.with_suffix(".bin").is_file():
+        return None
+    hashes = _hashes(path)
+    return path if {k: stored.get(k) for k in hashes} == hashes else None
+
+
+def _write_key(folder: Path, name: str, key: dict, path: Path) -> None:
+    key_tmp = folder / f".{name}.{os.getpid()}.json"
+    key_tmp.write_text(json.dumps({**key, **_hashes(path)}, indent=2))
+    os.replace(key_tmp, folder / f"{name}.json")  # the key file goes last: a graph without a matching key is unused
 
 
 def graph(matcher, tower: str, precision: str, folder: str | Path, fingerprint: str) -> Path:
@@ -74,20 +99,52 @@ def graph(matcher, tower: str, precision: str, folder: str | Path, fingerprint: 
     if hit is not None:
         return hit
     folder.mkdir(parents=True, exist_ok=True)
+    # an int8 graph is made from the fp32 one, which says its own seconds: the note below counts this step only
+    fp32 = graph(matcher, tower, "fp32", folder, fingerprint) if precision != "fp32" else None
     start = time.perf_counter()
     tmp = folder / f".{name}.{os.getpid()}.onnx"
     try:
-        if precision == "fp32":
+        if fp32 is None:
             export_tower(matcher, tower, tmp)
         else:
-            fp32 = graph(matcher, tower, "fp32", folder, fingerprint)
             quantize_int8(fp32, tmp)
         path = folder / f"{name}.onnx"
-        os.replace(tmp, path)  # the key file goes last: a graph without a matching key is never used
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    key_tmp = folder / f".{name}.{os.getpid()}.json"
-    key_tmp.write_text(json.dumps({**key, "sha256": _sha256(path)}, indent=2))
-    os.replace(key_tmp, folder / f"{name}.json")
+    _write_key(folder, name, key, path)
     note(f"built the {precision} {tower} graph in {time.perf_counter() - start:.1f}s -> {path} (cached)", once=False)
+    return path
+
+
+def openvino_int8_graph(matcher, tower: str, folder: str | Path, fingerprint: str) -> Path:
+    """OpenVINO's int8 graph of `tower` (the `.xml`; its `.bin` beside it), from `folder` or built into it from the
+    fp32 ONNX graph by NNCF's weight compression (`mmcross.fast.export.compress_int8_openvino`).
+
+    Imports openvino and nncf: call it where OpenVINO may be loaded (see `mmcross.fast.sessions`).
+    """
+    from mmcross.fast import note
+    from mmcross.fast.export import compress_int8_openvino
+
+    folder = Path(folder)
+    name = f"{tower}-int8-openvino"
+    key = key_of(matcher, tower, "int8", fingerprint, OPENVINO_TOOLS) | {"runtime": "openvino"}
+    hit = cached(folder, name, key, ".xml")
+    if hit is not None:
+        return hit
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = graph(matcher, tower, "fp32", folder, fingerprint)  # says its own seconds
+    start = time.perf_counter()
+    tmp = folder / f".{name}.{os.getpid()}.xml"
+    path = folder / f"{name}.xml"
+    try:
+        compress_int8_openvino(fp32, tmp)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))  # the weights first, then the graph naming them
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    _write_key(folder, name, key, path)
+    seconds = time.perf_counter() - start
+    note(f"built the int8 {tower} graph for openvino in {seconds:.1f}s -> {path} (cached)", once=False)
     return path
