@@ -74,22 +74,6 @@ def _ov_model(variant: str, onnx_path: Path, calibration: list[np.ndarray]):
     )
 
 
-def _runner(model):
-    import openvino as ov
-
-    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
-    config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 32  # as `mmcross.fast.sessions` pins it
-    compiled = ov.Core().compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = request.infer([x.detach().cpu().numpy()])
-        pooled, tokens = (np.array(out[compiled.output(i)], copy=True) for i in range(2))
-        return torch.from_numpy(pooled), torch.from_numpy(tokens)
-
-    return run
-
-
 def run_nncf(
     preset: str = "vit-b-32",
     n_images: int = 200,
@@ -104,6 +88,7 @@ def run_nncf(
     from mmcross.encode import encode_texts
     from mmcross.factory import graph_cache_dir, load_matcher, model_fingerprint
     from mmcross.fast.cache import graph
+    from mmcross.fast.sessions import openvino_runner
 
     out: dict[str, object] = {}
     tmp = Path(tempfile.mkdtemp())
@@ -154,8 +139,8 @@ def run_nncf(
         for variant in variants:
             name = f"nncf.{preset}.{variant}"
             start = time.perf_counter()
-            image_enc.runtime = _runner(_ov_model(variant, onnx["image"], calib_images))
-            text_enc.runtime = _runner(_ov_model(variant, onnx["text"], calib_texts))
+            image_enc.runtime = openvino_runner(_ov_model(variant, onnx["image"], calib_images))
+            text_enc.runtime = openvino_runner(_ov_model(variant, onnx["text"], calib_texts))
             out[f"{name}.convert_s"] = time.perf_counter() - start
             try:
                 images, texts = vectors()
