@@ -145,6 +145,8 @@ class TrainCfg:
     itm_weight: float = 1.0  # weight of the ITM loss (BCE on positives + ITC-sampled hard negatives)
     itm_uniform_negatives: float = 0.0  # share of ITM negatives drawn uniformly from the batch instead (easy ones)
     itm_detach: bool = False  # ITM trains the fusion and head only; the encoders learn from ITC (and VSE) alone
+    itm_start: float = 0.0  # share of `max_steps` done before the ITM loss turns on; earlier steps skip the fusion
+    # (ITC and VSE alone, a cheaper step) and do not count as head training. A share, so a shorter schedule keeps it
     itm_rank_weight: float = 0.0  # ITM also ranks: softplus(negative - positive logit) per drawn negative and its
     # anchor, the order re-ranking needs (`mmcross.losses.itm_loss`)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off

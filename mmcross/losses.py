@@ -224,15 +224,17 @@ class MatchingLoss(nn.Module):
         pairs: tuple[torch.Tensor, TextFeatures, torch.Tensor] | None = None,
         known: torch.Tensor | None = None,
         itm_rows: torch.Tensor | None = None,
+        itm: bool = True,
     ) -> dict[str, torch.Tensor]:
         """`known` (B, B): True where caption j is one of image i's captions too (see the module docstring);
-        `itm_rows` (R,): the rows the ITM draws its pairs from (None: all; `pairs` then not supported)."""
+        `itm_rows` (R,): the rows the ITM draws its pairs from (None: all; `pairs` then not supported); `itm`
+        False: leave the ITM out of this batch (`train.itm_start`)."""
         w = self.weights
         image_emb, text_emb = image.pooled, text.pooled  # (B, E) unit vectors (`Matcher.encode_*`)
         terms: dict[str, torch.Tensor] = {}
         if w.itc:
             terms["itc"] = self.itc(image_emb, text_emb, known)
-        if w.itm:
+        if w.itm and itm:
             similarity = self.itc.scale().detach() * image_emb @ text_emb.T
             itm_image, itm_text, itm_known = image, text, known
             if itm_rows is not None:  # e.g. one caption per image when a batch holds several of each

@@ -315,6 +315,23 @@ def test_checkpoints_record_the_steps_that_trained_the_head(shapes, tmp_path):
     assert not load_checkpoint(tmp_path / "itc" / "best.safetensors").head_trained
 
 
+def test_itm_start_keeps_the_fusion_out_of_the_first_steps(shapes, tmp_path):
+    from mmcross.factory import checkpoint_metadata, load_matcher
+
+    def head(matcher):
+        return torch.cat([p.detach().flatten() for p in matcher.head.parameters()])
+
+    cfg = _run(shapes, max_steps=4, itm_start=0.5)
+    initial = head(load_matcher(cfg.model_ref()))  # the seeded initialisation `fit` starts from
+    early = fit(_run(shapes, max_steps=2, itm_start=0.99), tmp_path / "early", progress=False)
+    assert torch.equal(head(early.matcher), initial)  # ITC alone: the head has not moved
+    assert checkpoint_metadata(tmp_path / "early" / "last.safetensors")["head_trained"] == "false"
+    result = fit(cfg, tmp_path / "run", progress=False)
+    assert ["itm" in e for e in _log(tmp_path / "run")] == [False, False, True, True]
+    assert checkpoint_metadata(tmp_path / "run" / "last.safetensors")["head_steps"] == "2"
+    assert not torch.equal(head(result.matcher), initial)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -322,6 +339,7 @@ def test_checkpoints_record_the_steps_that_trained_the_head(shapes, tmp_path):
         ("max_steps", -5, "at least 1"),
         ("lr", -1, "lr must be positive"),
         ("caption_word_drop", 1.0, "caption_word_drop is a probability"),
+        ("itm_start", 1.0, "itm_start is a share"),
     ],
 )
 def test_bad_numbers_are_refused_before_the_run(shapes, tmp_path, key, value, message):

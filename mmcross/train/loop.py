@@ -70,10 +70,11 @@ class TrainModule(nn.Module):
         pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         known: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
+        itm: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Losses of a batch; `pairs` = (image rows, caption token ids, labels): extra labelled ITM pairs; `known`
         (B, B): True where caption j is one of image i's captions too (not a negative); `image_rows` (B,): which
-        image of `pixels` each caption row belongs to (None: one image per row)."""
+        image of `pixels` each caption row belongs to (None: one image per row); `itm` False: no ITM this batch."""
         image = image if image is not None else self.matcher.encode_image(pixels)
         itm_rows = None
         if image_rows is not None:
@@ -86,7 +87,7 @@ class TrainModule(nn.Module):
         pair_text = None
         if pairs is not None and len(pairs[0]):
             pair_text = (pairs[0], self.matcher.encode_text(pairs[1]), pairs[2])  # (rows, captions, labels)
-        return self.loss(self.matcher, image, text, pair_text, known, itm_rows)
+        return self.loss(self.matcher, image, text, pair_text, known, itm_rows, itm)
 
 
 def read_records(path: str, fmt: str, split: str | None, option: str = "train.split") -> tuple[list[Record], list]:
@@ -135,6 +136,8 @@ def check_cfg(cfg: TrainCfg) -> None:
         )
     if not 0.0 <= cfg.itm_uniform_negatives <= 1.0:
         raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
+    if not 0.0 <= cfg.itm_start < 1.0:
+        raise ValueError(f"train.itm_start is a share of train.max_steps in [0, 1), not {cfg.itm_start}")
     if not 0.0 <= cfg.caption_word_drop < 1.0:
         raise ValueError(f"train.caption_word_drop is a probability in [0, 1), not {cfg.caption_word_drop}")
     if cfg.dataset_negatives and cfg.feature_cache:
@@ -237,7 +240,7 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
         model = DistributedDataParallel(
             module,
             device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=not (cfg.itc_weight and cfg.itm_weight),
+            find_unused_parameters=not (cfg.itc_weight and cfg.itm_weight) or cfg.itm_start > 0,
         )
     optimizer, scheduler = optimizer_and_schedule(module, cfg)
     state = Run(cfg, run_dir, rank, size, device, matcher, loss, module, model, optimizer, scheduler, start_time)
@@ -255,6 +258,11 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
     return state
 
 
+def itm_start_step(cfg: TrainCfg) -> int:
+    """Optimiser steps taken with ITC alone before the ITM turns on (`train.itm_start`)."""
+    return round(cfg.itm_start * cfg.max_steps)
+
+
 def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -> dict[str, Any]:
     """One optimiser step over `accum_steps` micro-batches; returns its log entry."""
     cfg = r.cfg
@@ -262,6 +270,7 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r.device.type == "cuda" else nullcontext()
     sums: dict[str, float] = {}
     used = False  # did any micro-batch of this step reach the losses
+    itm = r.step >= itm_start_step(cfg)  # (r.step steps are done: this is step r.step + 1)
     for a in range(cfg.accum_steps):
         mb: MicroBatch = next(batches)
         if mb.n < 2:
@@ -271,9 +280,9 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
         sync = r.size == 1 or a == cfg.accum_steps - 1
         with nullcontext() if sync else r.model.no_sync(), autocast:
             if isinstance(mb.images, ImageFeatures):
-                out = r.model(None, None, mb.images, mb.texts, known=mb.known)
+                out = r.model(None, None, mb.images, mb.texts, known=mb.known, itm=itm)
             else:
-                out = r.model(mb.images, mb.texts, pairs=mb.pairs, known=mb.known, image_rows=mb.image_rows)
+                out = r.model(mb.images, mb.texts, pairs=mb.pairs, known=mb.known, image_rows=mb.image_rows, itm=itm)
         (out["loss"] / cfg.accum_steps).backward()
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
@@ -285,7 +294,7 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
     r.scheduler.step()
     r.optimizer.zero_grad(set_to_none=True)
     r.step += 1
-    if used and r.head_learns and r.matcher.head_steps is not None:
+    if used and itm and r.head_learns and r.matcher.head_steps is not None:
         r.matcher.head_steps += 1  # recorded in every checkpoint: `search --rerank` refuses a head never trained
     now = time.perf_counter()
     return {
