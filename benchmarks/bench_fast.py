@@ -25,15 +25,13 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import FLICKR8K, flickr8k_captions
+from benchmarks.common import FLICKR8K, flickr8k_captions, scratch_cache
 
 CONFIGS = (("fp32", "torch"), ("fp32", "onnx"), ("int8", "onnx"), ("fp32", "openvino"), ("int8", "openvino"))
 
@@ -84,10 +82,7 @@ def run_fast(preset: str = "vit-b-32", n_images: int = 1000, n_captions: int = 5
     from mmcross.index.store import IndexStore
 
     out: dict[str, object] = {}
-    tmp = Path(tempfile.mkdtemp())
-    old_cache = os.environ.get("MMCROSS_CACHE")
-    os.environ["MMCROSS_CACHE"] = str(tmp / "cache")  # an empty graph cache: the first run of each graph converts
-    try:
+    with scratch_cache() as tmp:
         records = _dataset(tmp / "ds", n_images)
         captions = flickr8k_captions(n_captions)
         ref = ModelRef(model=preset)
@@ -137,12 +132,6 @@ def run_fast(preset: str = "vit-b-32", n_images: int = 1000, n_captions: int = 5
         out[f"fast.{preset}.skipped"] = skipped
         out[f"fast.{preset}.images"], out[f"fast.{preset}.captions"] = n_images, len(captions)
         return out
-    finally:
-        if old_cache is None:
-            os.environ.pop("MMCROSS_CACHE", None)
-        else:
-            os.environ["MMCROSS_CACHE"] = old_cache
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run() -> dict:

@@ -26,16 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import FLICKR8K, flickr8k_captions
+from benchmarks.common import FLICKR8K, flickr8k_captions, scratch_cache
 
 VARIANTS = ("ov-fp32", "cw-int8-asym", "cw-int8-sym", "q-mixed", "q-performance", "q-mixed-nosq")
 
@@ -91,10 +88,7 @@ def run_nncf(
     from mmcross.fast.sessions import openvino_runner
 
     out: dict[str, object] = {}
-    tmp = Path(tempfile.mkdtemp())
-    old_cache = os.environ.get("MMCROSS_CACHE")
-    os.environ["MMCROSS_CACHE"] = str(tmp / "cache")
-    try:
+    with scratch_cache():
         records = list(open_dataset(FLICKR8K, DataCfg(split="train")).records())[: max(n_images, n_calib)]
         captions = flickr8k_captions(n_captions)
         ref = ModelRef(model=preset)
@@ -161,12 +155,6 @@ def run_nncf(
         out[f"nncf.{preset}.calibration_images"] = n_calib
         out[f"nncf.{preset}.calibration_captions"] = len(calib_texts)
         return out
-    finally:
-        if old_cache is None:
-            os.environ.pop("MMCROSS_CACHE", None)
-        else:
-            os.environ["MMCROSS_CACHE"] = old_cache
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
