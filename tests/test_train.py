@@ -332,6 +332,26 @@ def test_itm_start_keeps_the_fusion_out_of_the_first_steps(shapes, tmp_path):
     assert not torch.equal(head(result.matcher), initial)
 
 
+def test_bf16_autocast_runs_the_towers_in_bf16_and_keeps_fp32_weights(shapes, tmp_path):
+    dtypes = set()
+
+    def record(module, args, output):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and isinstance(output, torch.Tensor):
+            dtypes.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        mixed = fit(_run(shapes, max_steps=3, autocast="bf16"), tmp_path / "bf16", progress=False)
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in dtypes
+    assert all(p.dtype == torch.float32 for p in load_checkpoint(tmp_path / "bf16" / "last.safetensors").parameters())
+    exact = fit(_run(shapes, max_steps=3, autocast="off"), tmp_path / "fp32", progress=False)
+    # the same steps in fp32 and in bf16: the losses agree to bf16's precision, not bit for bit
+    for a, b in zip(mixed.losses, exact.losses, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.05) and a["loss"] != b["loss"]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -340,6 +360,7 @@ def test_itm_start_keeps_the_fusion_out_of_the_first_steps(shapes, tmp_path):
         ("lr", -1, "lr must be positive"),
         ("caption_word_drop", 1.0, "caption_word_drop is a probability"),
         ("itm_start", 1.0, "itm_start is a share"),
+        ("autocast", "fp16", "autocast is one of auto, bf16, off"),
     ],
 )
 def test_bad_numbers_are_refused_before_the_run(shapes, tmp_path, key, value, message):

@@ -116,6 +116,24 @@ MIN_VALUES = {
 NON_NEGATIVE = ("encoder_lr", "weight_decay", "grad_clip", "max_minutes", "itc_weight", "itm_weight", "vse_weight")
 
 
+AUTOCAST = ("auto", "bf16", "off")
+
+
+def autocast_context(setting: str, device: torch.device):
+    """The mixed-precision context of a training forward (`train.autocast`); the backward follows it."""
+    if setting == "bf16" or (setting == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere CPU bf16 is emulated, and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def check_cfg(cfg: TrainCfg) -> None:
     """Refuse settings that cannot go together, before anything is built."""
     if not cfg.data:
@@ -138,6 +156,8 @@ def check_cfg(cfg: TrainCfg) -> None:
         raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
     if not 0.0 <= cfg.itm_start < 1.0:
         raise ValueError(f"train.itm_start is a share of train.max_steps in [0, 1), not {cfg.itm_start}")
+    if cfg.autocast not in AUTOCAST:
+        raise ValueError(f"train.autocast is one of {', '.join(AUTOCAST)}, not {cfg.autocast!r}")
     if not 0.0 <= cfg.caption_word_drop < 1.0:
         raise ValueError(f"train.caption_word_drop is a probability in [0, 1), not {cfg.caption_word_drop}")
     if cfg.dataset_negatives and cfg.feature_cache:
@@ -242,6 +262,8 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
             device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=not (cfg.itc_weight and cfg.itm_weight) or cfg.itm_start > 0,
         )
+    if cfg.autocast == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("train.autocast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); expect it slower than fp32")
     optimizer, scheduler = optimizer_and_schedule(module, cfg)
     state = Run(cfg, run_dir, rank, size, device, matcher, loss, module, model, optimizer, scheduler, start_time)
     # the head learns in a step only from the ITM loss, and only where its weights train
@@ -267,7 +289,7 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
     """One optimiser step over `accum_steps` micro-batches; returns its log entry."""
     cfg = r.cfg
     torch.manual_seed(mix_seed(cfg.seed, r.step, r.rank, 3))  # dropout and hard negatives of this step
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r.device.type == "cuda" else nullcontext()
+    autocast = autocast_context(cfg.autocast, r.device)
     sums: dict[str, float] = {}
     used = False  # did any micro-batch of this step reach the losses
     itm = r.step >= itm_start_step(cfg)  # (r.step steps are done: this is step r.step + 1)
@@ -319,8 +341,9 @@ def evaluate_and_checkpoint(r: Run, eval_records: list[Record], log_file, final:
         r.last_eval = evaluate(r.matcher, eval_records, k, batch_size=cfg.batch_size, workers=cfg.workers)
         if k < cfg.eval_rerank_k:
             r.last_eval["rerank_skipped"] = "untrained head"
-        key = "rerank_metrics" if r.last_eval["rerank_metrics"] else "metrics"
-        score = r.last_eval[key]["rsum"]
+        # the dual encoder's rsum: every evaluation has it (a re-ranked one needs a trained head, which a run with
+        # train.itm_start has only later), so the best of the run compares like with like
+        score = r.last_eval["metrics"]["rsum"]
         if r.best is None or score > r.best:
             r.best = score
             save_checkpoint(r.matcher, r.run_dir / "best.safetensors", {"step": str(r.step), "rsum": str(score)})
