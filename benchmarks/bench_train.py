@@ -11,7 +11,8 @@ cosine inside the budget:
   is reported apart).
 - open_clip_train: InfoNCE, batch 128, lr 1e-3, weight decay 0.1, its CSV loader (pandas; `pip install -e
   '.[peers]'`) over a CSV with every caption of every image, shuffled and repeated to budget x its samples/s rows,
-  one epoch, one decoding worker (the other core goes to its torch threads), its default augmentation.
+  one epoch, one decoding worker (the other core goes to its torch threads), its default augmentation, and the
+  same precision as ours (`--precision amp_bf16` when the config sets `train.autocast: bf16`, else fp32).
 
 Both checkpoints are then evaluated by `mmcross eval` on the 1,000 dev images (the peer's, converted to
 safetensors, through `--pretrained`, dual encoder only: it has no match head). Output: one JSON file.
@@ -79,14 +80,14 @@ def _peer_csv(pairs: list[tuple[str, str]], rows: int, path: Path) -> None:
         writer.writerows(out[:rows])
 
 
-def _peer(work: Path, name: str, csv_path: Path, steps: int) -> list[str]:
+def _peer(work: Path, name: str, csv_path: Path, steps: int, precision: str) -> list[str]:
     return [
         sys.executable, "-c", PEER,
         "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", "\t",
         "--csv-img-key", "filepath", "--csv-caption-key", "title",
         "--model", "mmcross-rn-small", "--batch-size", str(BATCH), "--epochs", "1",
         "--lr", str(LR), "--wd", str(WD), "--warmup", str(max(1, round(WARMUP_SHARE * steps))),
-        "--workers", "1", "--precision", "fp32", "--device", "cpu", "--seed", str(SEED),
+        "--workers", "1", "--precision", precision, "--device", "cpu", "--seed", str(SEED),
         "--save-frequency", "1", "--log-every-n-steps", "5", "--logs", str(work), "--name", name,
     ]  # fmt: skip
 
@@ -104,6 +105,13 @@ def _ours_batch() -> int:
     from mmcross.config import load_run_cfg
 
     return load_run_cfg(CONFIG).train.batch_size
+
+
+def _peer_precision() -> str:
+    """open_clip_train's --precision matching our config's CPU autocast: both sides compute alike."""
+    from mmcross.config import load_run_cfg
+
+    return "amp_bf16" if load_run_cfg(CONFIG).train.autocast == "bf16" else "fp32"
 
 
 def _ours(out: Path, steps: int, minutes: float, eval_split: str = "null") -> list[str]:
@@ -171,7 +179,10 @@ def main() -> None:
     pairs = _pairs()
     budget_s = minutes * 60
     result: dict = {"budget_minutes": minutes, "train_pairs": len(pairs)}
-    result["peer_recipe"] = {"batch": BATCH, "lr": LR, "weight_decay": WD, "warmup_share": WARMUP_SHARE}
+    precision = _peer_precision()
+    result["peer_recipe"] = {
+        "batch": BATCH, "lr": LR, "weight_decay": WD, "warmup_share": WARMUP_SHARE, "precision": precision
+    }  # fmt: skip
     result["mmcross_recipe"] = {"config": str(CONFIG.relative_to(ROOT)), "rows_per_step": _ours_batch()}
     result["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -180,7 +191,7 @@ def main() -> None:
     lines = [e for e in _log_lines(work / "probe-mmcross") if "loss" in e]
     ours_rate = lines[-1]["samples_per_s"]
     _peer_csv(pairs, PROBE_STEPS * BATCH, work / "probe.csv")
-    _run(_peer(work, "probe-peer", work / "probe.csv", PROBE_STEPS), work / "probe-peer.log")
+    _run(_peer(work, "probe-peer", work / "probe.csv", PROBE_STEPS, precision), work / "probe-peer.log")
     peer_rate = _peer_rate(work / "probe-peer" / "out.log")
     result["probe"] = {
         "mmcross_samples_per_s": ours_rate,
@@ -201,7 +212,7 @@ def main() -> None:
     }
     peer_steps = max(PROBE_STEPS, int(0.9 * budget_s * peer_rate / BATCH))
     _peer_csv(pairs, peer_steps * BATCH, work / "peer.csv")
-    wall = _run(_peer(work, "peer", work / "peer.csv", peer_steps), work / "peer.log")
+    wall = _run(_peer(work, "peer", work / "peer.csv", peer_steps, precision), work / "peer.log")
     result["open_clip_train"] = {
         "steps": peer_steps,
         "wall_s": wall,

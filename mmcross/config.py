@@ -157,8 +157,9 @@ class TrainCfg:
     seed: int = 0  # data order, augmentation, hard-negative sampling, dropout
     workers: int = 0  # DataLoader worker processes decoding images (streaming and dev evaluation; not needed with
     # the decode cache, whose one-time build uses every core)
-    autocast: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": bf16 autocast on any device
-    # (weights, gradients and AdamW stay fp32; 1.6x the pairs/s on a CPU with AVX512-BF16); "off": fp32 throughout
+    autocast: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": also on a CPU that runs bf16
+    # natively (AVX512-BF16 or AMX: 1.6x the pairs/s; elsewhere fp32, with a warning); "off": fp32 everywhere.
+    # Weights, gradients and AdamW stay fp32
     threads: int = 0  # torch intra-op threads of the training process; 0 = every core
     ckpt_every: int = 0  # write last.safetensors + optimiser state every N steps (0 = only at the end)
     log_every: int = 10  # write a JSONL log line every N steps

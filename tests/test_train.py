@@ -332,7 +332,22 @@ def test_itm_start_keeps_the_fusion_out_of_the_first_steps(shapes, tmp_path):
     assert not torch.equal(head(result.matcher), initial)
 
 
+def test_bf16_autocast_on_a_cpu_without_bf16_units_stays_fp32(shapes, tmp_path, monkeypatch, caplog):
+    from mmcross.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    with loop.autocast_context("bf16", torch.device("cpu")):
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.float32
+    with caplog.at_level("WARNING", logger="mmcross.train.loop"):
+        fit(_run(shapes, max_steps=1, autocast="bf16"), tmp_path / "run", progress=False)
+    assert "no native bf16" in caplog.text and "stays fp32" in caplog.text
+
+
 def test_bf16_autocast_runs_the_towers_in_bf16_and_keeps_fp32_weights(shapes, tmp_path):
+    from mmcross.train.loop import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16: train.autocast=bf16 stays fp32 here")
     dtypes = set()
 
     def record(module, args, output):

@@ -121,8 +121,10 @@ AUTOCAST = ("auto", "bf16", "off")
 
 def autocast_context(setting: str, device: torch.device):
     """The mixed-precision context of a training forward (`train.autocast`); the backward follows it."""
-    if setting == "bf16" or (setting == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda" and setting != "off":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and setting == "bf16" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -263,7 +265,8 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
             find_unused_parameters=not (cfg.itc_weight and cfg.itm_weight) or cfg.itm_start > 0,
         )
     if cfg.autocast == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        log.warning("train.autocast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); expect it slower than fp32")
+        # emulated bf16 is several times slower than fp32: the run keeps its steps and computes them in fp32
+        log.warning("train.autocast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so the run stays fp32")
     optimizer, scheduler = optimizer_and_schedule(module, cfg)
     state = Run(cfg, run_dir, rank, size, device, matcher, loss, module, model, optimizer, scheduler, start_time)
     # the head learns in a step only from the ITM loss, and only where its weights train
