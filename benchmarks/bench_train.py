@@ -1,8 +1,9 @@
 """`make bench-train`: mmcross's trainer against open_clip's own (`open_clip_train`) on the same tower, data and wall.
 
-Both train the `rn-small` architecture (open_clip config `mmcross-rn-small`, registered for the peer with
-`open_clip.add_model_config`) from random initialisation on the Flickr8k train split for the same wall budget
-(default 15 minutes each; `--full` for 60), each with its own recipe and the same warm-up share. Each schedule is
+Both train the architecture `configs/flickr8k-scratch.yaml` names (its preset's open_clip config, e.g.
+`mmcross-rn-small`, registered for the peer with `open_clip.add_model_config`) from random initialisation on the
+Flickr8k train split for the same wall budget (default 15 minutes each; `--full` for 60), each with its own recipe
+and the same warm-up share. Each schedule is
 sized to the budget from that trainer's own throughput, measured first in a short probe run, so both finish their
 cosine inside the budget:
 
@@ -81,11 +82,12 @@ def _peer_csv(pairs: list[tuple[str, str]], rows: int, path: Path) -> None:
 
 
 def _peer(work: Path, name: str, csv_path: Path, steps: int, precision: str) -> list[str]:
+    tower = _ours_cfg().model
     return [
         sys.executable, "-c", PEER,
         "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", "\t",
         "--csv-img-key", "filepath", "--csv-caption-key", "title",
-        "--model", "mmcross-rn-small", "--batch-size", str(BATCH), "--epochs", "1",
+        "--model", _open_clip_name(tower), "--batch-size", str(BATCH), "--epochs", "1",
         "--lr", str(LR), "--wd", str(WD), "--warmup", str(max(1, round(WARMUP_SHARE * steps))),
         "--workers", "1", "--precision", precision, "--device", "cpu", "--seed", str(SEED),
         "--save-frequency", "1", "--log-every-n-steps", "5", "--logs", str(work), "--name", name,
@@ -100,18 +102,28 @@ def _peer_rate(log: Path) -> float:
     return float(rates[-1])
 
 
-def _ours_batch() -> int:
-    """Rows (image, caption pairs) per step of our recipe, as the run config sets them."""
+def _ours_cfg():
+    """Our run config: its model preset is the tower both trainers train."""
     from mmcross.config import load_run_cfg
 
-    return load_run_cfg(CONFIG).train.batch_size
+    return load_run_cfg(CONFIG)
+
+
+def _open_clip_name(preset: str) -> str:
+    """The open_clip architecture behind one of our presets (what the peer is told to build)."""
+    from mmcross.config import load_matcher_cfg
+
+    return load_matcher_cfg(preset).encoder.model_name
+
+
+def _ours_batch() -> int:
+    """Rows (image, caption pairs) per step of our recipe, as the run config sets them."""
+    return _ours_cfg().train.batch_size
 
 
 def _peer_precision() -> str:
     """open_clip_train's --precision matching our config's CPU autocast: both sides compute alike."""
-    from mmcross.config import load_run_cfg
-
-    return "amp_bf16" if load_run_cfg(CONFIG).train.autocast == "bf16" else "fp32"
+    return "amp_bf16" if _ours_cfg().train.autocast == "bf16" else "fp32"
 
 
 def _ours(out: Path, steps: int, minutes: float, eval_split: str = "null") -> list[str]:
@@ -183,7 +195,9 @@ def main() -> None:
     result["peer_recipe"] = {
         "batch": BATCH, "lr": LR, "weight_decay": WD, "warmup_share": WARMUP_SHARE, "precision": precision
     }  # fmt: skip
-    result["mmcross_recipe"] = {"config": str(CONFIG.relative_to(ROOT)), "rows_per_step": _ours_batch()}
+    result["mmcross_recipe"] = {
+        "config": str(CONFIG.relative_to(ROOT)), "model": _ours_cfg().model, "rows_per_step": _ours_batch()
+    }  # fmt: skip
     result["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     # throughput probes (the mmcross one also builds the decoded-image cache, timed apart)
@@ -222,7 +236,8 @@ def main() -> None:
     # both evaluated the same way, on dev
     result["mmcross"]["dev"] = _eval(work, "mmcross", ["--checkpoint", str(work / "mmcross")], rerank=32)
     weights = _to_safetensors(work / "peer" / "checkpoints" / "epoch_1.pt", work / "peer.safetensors")
-    result["open_clip_train"]["dev"] = _eval(work, "peer", ["--model", "rn-small", "--pretrained", str(weights)], 0)
+    peer_model = ["--model", _ours_cfg().model, "--pretrained", str(weights)]
+    result["open_clip_train"]["dev"] = _eval(work, "peer", peer_model, 0)
     ours, peer = result["mmcross"]["dev"]["dual_rsum"], result["open_clip_train"]["dev"]["dual_rsum"]
     result["dual_rsum_ratio"] = round(ours / peer, 3) if peer else None
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

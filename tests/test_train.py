@@ -47,11 +47,17 @@ def test_short_run_lowers_the_loss(shapes, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.safetensors") is not None
 
 
-# augment: random crops on the decoded-image cache (with mirrors and caption word dropout in the last case);
-# per_image: captions of one image per batch (one tower pass)
-@pytest.mark.parametrize(("augment", "per_image", "regularise"), [(False, 1, False), (True, 1, False), (True, 2, True)])
-def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path, augment, per_image, regularise):
-    extra = dict(augment_hflip=True, caption_word_drop=0.2) if regularise else {}
+REGULARISE = dict(augment_hflip=True, caption_word_drop=0.2)
+
+
+# augment: random crops on the decoded-image cache (with mirrors and caption word dropout in the last cases, the
+# very last streaming its images from their files instead); per_image: captions of one image per batch
+@pytest.mark.parametrize(
+    ("augment", "per_image", "extra"),
+    [(False, 1, {}), (True, 1, {}), (True, 2, REGULARISE), (True, 2, {**REGULARISE, "decode_cache": "none"})],
+    ids=["plain", "crops", "regularised", "regularised-streamed"],
+)
+def test_kill_and_resume_equals_uninterrupted(shapes, tmp_path, augment, per_image, extra):
     cfg = _run(shapes, ckpt_every=2, augment=augment, captions_per_image=per_image, **extra)
     full = fit(cfg, tmp_path / "full", progress=False)
 
