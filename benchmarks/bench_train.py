@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import random
@@ -102,6 +103,7 @@ def _peer_rate(log: Path) -> float:
     return float(rates[-1])
 
 
+@functools.cache  # one read of the YAML per benchmark
 def _ours_cfg():
     """Our run config: its model preset is the tower both trainers train."""
     from mmcross.config import load_run_cfg

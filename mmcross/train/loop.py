@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -128,6 +129,7 @@ def autocast_context(setting: str, device: torch.device):
     return nullcontext()
 
 
+@functools.cache  # asked once per process, not at every step
 def cpu_has_bf16() -> bool:
     """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere CPU bf16 is emulated, and slow."""
     try:
