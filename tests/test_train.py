@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -347,6 +348,26 @@ def test_bf16_autocast_on_a_cpu_without_bf16_units_stays_fp32(shapes, tmp_path, 
     with caplog.at_level("WARNING", logger="mmcross.train.loop"):
         fit(_run(shapes, max_steps=1, autocast="bf16"), tmp_path / "run", progress=False)
     assert "no native bf16" in caplog.text and "stays fp32" in caplog.text
+
+
+def test_cpu_bf16_attention_takes_the_plain_path_not_the_fused_kernel_and_accumulates(shapes, tmp_path):
+    from mmcross.train.loop import autocast_context, cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16: train.autocast=bf16 stays fp32 here")
+    q = torch.randn(2, 4, 20, 32, requires_grad=True)
+    ops = {}
+    for setting in ("bf16", "off"):
+        with torch.profiler.profile() as prof:
+            with autocast_context(setting, torch.device("cpu")):
+                out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            out.float().sum().backward()
+        ops[setting] = " ".join(e.key for e in prof.key_averages())
+    assert "flash" not in ops["bf16"] and "bmm" in ops["bf16"]  # the slow bf16 backward is avoided
+    assert "flash" in ops["off"]  # fp32 keeps the fused kernel (both cost the same there)
+    # one fresh context per micro-batch: two micro-batches per step run and learn
+    result = fit(_run(shapes, max_steps=2, autocast="bf16", accum_steps=2), tmp_path / "acc", progress=False)
+    assert len(result.losses) == 2 and all(math.isfinite(e["loss"]) for e in result.losses)
 
 
 def test_bf16_autocast_runs_the_towers_in_bf16_and_keeps_fp32_weights(shapes, tmp_path):
