@@ -26,6 +26,9 @@ class EncoderCfg:
     pretrained: str | None = None  # open_clip tag, local checkpoint file or `hf-hub:org/repo`; None = random init
     seed: int = 0  # initialisation seed used when there are no pretrained weights (same preset -> same weights)
     precision: str = "fp32"  # open_clip precision: fp32, fp16, bf16, amp
+    # conv towers (ModifiedResNet): the residual stage (1-4) whose feature map gives the fusion its image tokens;
+    # None = the last. The pooled embedding always comes from the last stage.
+    token_stage: int | None = None
 
 
 @dataclass

@@ -107,14 +107,16 @@ def _assemble(cfg: MatcherCfg, encoders: Encoders) -> Matcher:
 def architecture(cfg: MatcherCfg) -> dict[str, Any]:
     """What fixes a matcher's tensors: the open_clip architecture and the fusion shape (not seeds, not weights)."""
     fusion = {k: v for k, v in to_dict(cfg.fusion).items() if k not in ("seed", "dropout", "head_from_itc")}
-    return {"encoder": cfg.encoder.model_name, "fusion": fusion}
+    return {"encoder": cfg.encoder.model_name, "token_stage": cfg.encoder.token_stage, "fusion": fusion}
 
 
 def describe(cfg: MatcherCfg) -> str:
     """One line naming an architecture, for error messages."""
     f = cfg.fusion
     return (
-        f"{cfg.name} ({cfg.encoder.model_name}, fusion {f.variant} dim {f.dim}, {f.self_layers} self + "
+        f"{cfg.name} ({cfg.encoder.model_name}"
+        + (f" tokens from stage {cfg.encoder.token_stage}" if cfg.encoder.token_stage else "")
+        + f", fusion {f.variant} dim {f.dim}, {f.self_layers} self + "
         f"{f.cross_layers} cross layers, {f.heads}x{f.dim_head} heads, {f.score_rule} scores)"
     )
 

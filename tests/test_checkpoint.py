@@ -69,6 +69,14 @@ def test_another_architecture_is_refused_naming_both(checkpoint, tiny_matcher):
         load_checkpoint(checkpoint, expected="tiny")  # the preset's default variant
 
 
+def test_a_conv_tower_taking_tokens_from_another_stage_is_another_architecture(tmp_path):
+    stage3 = create_matcher("rn-small-128", overrides={"encoder.token_stage": 3})
+    path = save_checkpoint(stage3, tmp_path / "stage3.safetensors")
+    assert load_checkpoint(path, expected=stage3.cfg).image_encoder.token_dim == 512
+    with pytest.raises(ValueError, match="tokens from stage 3.*not the expected rn-small-128 \\(mmcross-rn-small-128,"):
+        load_checkpoint(path, expected="rn-small-128")
+
+
 def test_tensors_that_do_not_fit_the_stated_architecture_are_refused(tmp_path, tiny_matcher):
     state = {k: v.contiguous() for k, v in tiny_matcher.state_dict().items()}
     cfg = apply_overrides(tiny_matcher.cfg, {"fusion.cross_layers": 3})

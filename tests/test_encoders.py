@@ -184,3 +184,32 @@ def test_other_tower_kinds_match_open_clip(model_name):
         assert (image.pooled - model.encode_image(pixels, normalize=False)).abs().max() <= 1e-4
     assert text.tokens.shape[:2] == text.mask.shape and text.tokens.shape[2] == encoders.text.token_dim
     assert image.tokens.shape[0] == 2 and image.tokens.shape[2] == encoders.image.token_dim
+
+
+def test_conv_tower_tokens_from_an_earlier_stage_equal_that_stage_of_open_clip():
+    """encoder.token_stage: the fusion's tokens are that residual stage's map, row-major; the pooled embedding
+    still equals open_clip's `encode_image` (the last stage, attention-pooled)."""
+    cfg = EncoderCfg(model_name="mmcross-rn-small-128", seed=0, token_stage=3)
+    encoders, (model, _) = load_encoders(cfg), build_open_clip_reference(cfg)
+    pixels = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    visual = model.visual
+    with torch.inference_mode():
+        image = encoders.image(pixels)
+        stage3 = visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels))))  # (2, 512, 8, 8), NCHW
+        assert (image.pooled - model.encode_image(pixels, normalize=False)).abs().max() <= 1e-4
+    assert encoders.image.token_dim == stage3.shape[1] == 512 and image.tokens.shape == (2, 64, 512)
+    # token p is grid cell (row p // 8, column p % 8): what the grid positions and heat maps assume
+    assert (image.tokens[:, 8 * 2 + 5] - stage3[:, :, 2, 5]).abs().max() <= 1e-4
+    last = load_encoders(EncoderCfg(model_name="mmcross-rn-small-128", seed=0)).image
+    assert last.token_dim == 1024 and last(pixels).tokens.shape == (2, 16, 1024)
+
+
+@pytest.mark.parametrize("stage", [0, 5])
+def test_token_stage_outside_the_tower_is_refused(stage):
+    with pytest.raises(ValueError, match="stage 1-4"):
+        load_encoders(EncoderCfg(model_name="mmcross-rn-small-128", token_stage=stage))
+
+
+def test_token_stage_is_refused_for_a_transformer_tower(tiny_cfg):
+    with pytest.raises(ValueError, match="ModifiedResNet conv towers only"):
+        load_encoders(EncoderCfg(model_name=tiny_cfg.encoder.model_name, token_stage=3))
