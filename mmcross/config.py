@@ -149,7 +149,14 @@ class TrainCfg:
     itm_uniform_negatives: float = 0.0  # share of ITM negatives drawn uniformly from the batch instead (easy ones)
     itm_detach: bool = False  # ITM trains the fusion and head only; the encoders learn from ITC (and VSE) alone
     itm_start: float = 0.0  # share of `max_steps` done before the ITM loss turns on; earlier steps skip the fusion
-    # (ITC and VSE alone, a cheaper step) and do not count as head training. A share, so a shorter schedule keeps it
+    # (ITC and VSE alone, a cheaper step) and do not count as head training. A share, so a shorter schedule keeps it;
+    # 1.0 (with `fusion_steps`): the ITM only in the fusion phase
+    fusion_steps: int = 0  # after `max_steps`, a fusion phase of this many more steps: the encoders frozen, every
+    # training image (eval transform) and caption encoded once, the fusion and head trained alone on those features
+    # by the ITM (`mmcross.train.fusion_phase`); 0 = none. With `itm_start` 1.0 the fusion learns in this phase only
+    fusion_batch_size: int = 128  # rows (one caption per image) per step of the fusion phase
+    fusion_lr: float | None = None  # peak learning rate of the fusion phase (its own warm-up + cosine); None = `lr`
+    fusion_warmup_steps: int = 50  # linear warm-up steps of the fusion phase's schedule
     itm_rank_weight: float = 0.0  # ITM also ranks: softplus(negative - positive logit) per drawn negative and its
     # anchor, the order re-ranking needs (`mmcross.losses.itm_loss`)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off

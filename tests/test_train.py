@@ -114,7 +114,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, manifest: str, out: str, port: int) -> None:
+def _ddp_worker(rank: int, manifest: str, out: str, port: int, extra: dict[str, str]) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
     )
@@ -129,6 +129,7 @@ def _ddp_worker(rank: int, manifest: str, out: str, port: int) -> None:
             "train.augment": "false",
             "train.eval_split": "none",
             "train.device": "cpu",
+            **extra,
         },
     )
     result = fit(cfg, out, progress=False)
@@ -139,17 +140,24 @@ def _ddp_worker(rank: int, manifest: str, out: str, port: int) -> None:
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
     assert torch.allclose(gathered[0], gathered[1])
-    assert result.step == 2
+    assert result.step == 2 + int(extra.get("train.fusion_steps", 0))
     dist.destroy_process_group()
 
 
+# the fusion phase re-wraps the model in DDP over what still trains (the fusion and head)
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(shapes, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"train.fusion_steps": "2", "train.itm_start": "1.0", "train.fusion_batch_size": "4"}],
+    ids=["towers", "fusion-phase"],
+)
+def test_ddp_two_processes_gloo(shapes, tmp_path, extra):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(str(shapes), str(tmp_path / "ddp"), _free_port()), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(str(shapes), str(tmp_path / "ddp"), _free_port(), extra), nprocs=2, join=True)
     log = _log(tmp_path / "ddp")
-    assert [e["step"] for e in log] == [1, 2] and all(e["loss"] == e["loss"] for e in log)
+    steps = 2 + int(extra.get("train.fusion_steps", 0))
+    assert [e["step"] for e in log] == list(range(1, steps + 1)) and all(e["loss"] == e["loss"] for e in log)
 
 
 def test_dataset_negatives_enter_the_itm_loss(tmp_path, monkeypatch):
@@ -339,6 +347,71 @@ def test_itm_start_keeps_the_fusion_out_of_the_first_steps(shapes, tmp_path):
     assert not torch.equal(head(result.matcher), initial)
 
 
+FUSION_PHASE = dict(max_steps=3, fusion_steps=3, itm_start=1.0, fusion_batch_size=6, fusion_warmup_steps=1)
+
+
+def _towers(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith(("image_encoder", "text_encoder"))}
+
+
+def test_fusion_phase_trains_the_fusion_alone_on_the_frozen_towers(shapes, tmp_path):
+    from mmcross.factory import checkpoint_metadata, load_matcher
+
+    cfg = _run(shapes, ckpt_every=3, eval_split="dev", eval_rerank_k=4, **FUSION_PHASE)
+    result = fit(cfg, tmp_path / "run", progress=False)
+    assert result.step == 6 and result.stopped_by == "max_steps"
+    log = _log(tmp_path / "run")
+    # the towers' steps: ITC alone (itm_start 1.0); then the fusion phase: the ITM alone, its own schedule
+    assert [("itc" in e, "itm" in e, e.get("phase")) for e in log] == [(True, False, None)] * 3 + [
+        (False, True, "fusion")
+    ] * 3
+    assert log[3]["lr"] == pytest.approx(1e-3)  # warm-up of one step, then its own cosine from the peak
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in lines if "eval" in e]
+    assert [e["step"] for e in evals] == [3, 6]  # the towers' last step is evaluated: the dual encoder is final
+    assert evals[0]["eval"]["rerank_skipped"] == "untrained head" and evals[1]["eval"]["rerank_metrics"]
+    assert evals[0]["eval"]["metrics"] == evals[1]["eval"]["metrics"]  # frozen towers: the same dual ranking
+    assert lines[-1]["fusion_steps"] == 3 and lines[-1]["max_steps"] == 3
+    # the towers end where a run of the towers' steps alone ends; the fusion moved only in its phase
+    towers_only = fit(
+        _run(shapes, **{**FUSION_PHASE, "fusion_steps": 0, "itm_start": 0.99}), tmp_path / "t", progress=False
+    )
+    alone, after = towers_only.matcher.state_dict(), result.matcher.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in _towers(alone).items())
+    assert torch.equal(
+        alone["fusion.image_proj.1.weight"], load_matcher(cfg.model_ref()).state_dict()["fusion.image_proj.1.weight"]
+    )
+    assert any(not torch.equal(v, after[k]) for k, v in alone.items() if k.startswith(("fusion", "head")))
+    # the tie on the dual rsum goes to the fusion phase's checkpoint: its head is the trained one
+    assert checkpoint_metadata(tmp_path / "run" / "best.safetensors")["head_steps"] == "3"
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 4], ids=["towers", "boundary", "fusion"])
+def test_kill_and_resume_across_the_fusion_phase_equals_uninterrupted(shapes, tmp_path, kill_at):
+    cfg = _run(shapes, ckpt_every=1, **{**FUSION_PHASE, "max_steps": 2, "fusion_steps": 4})
+    fit(cfg, tmp_path / "full", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(entry):
+        if entry["step"] == kill_at:
+            raise Killed
+
+    # a checkpoint every step: the kill comes after step kill_at's checkpoint, so resuming starts at kill_at + 1
+    with pytest.raises(Killed):
+        fit(cfg, tmp_path / "resumed", progress=False, on_step=kill)
+    resumed = fit(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert [e["step"] for e in resumed.losses] == list(range(kill_at + 1, 7))
+    a, b = _log(tmp_path / "full"), _log(tmp_path / "resumed")
+    assert [e["step"] for e in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert (x["loss"], x["lr"]) == pytest.approx((y["loss"], y["lr"]), rel=1e-5, abs=1e-6), x["step"]
+    wa = load_checkpoint(tmp_path / "full" / "last.safetensors").state_dict()
+    wb = load_checkpoint(tmp_path / "resumed" / "last.safetensors").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def test_bf16_autocast_on_a_cpu_without_bf16_units_stays_fp32(shapes, tmp_path, monkeypatch, caplog):
     from mmcross.train import loop
 
@@ -402,6 +475,8 @@ def test_bf16_autocast_runs_the_towers_in_bf16_and_keeps_fp32_weights(shapes, tm
         ("lr", -1, "lr must be positive"),
         ("caption_word_drop", 1.0, "caption_word_drop is a probability"),
         ("itm_start", 1.0, "itm_start is a share"),
+        ("fusion_steps", -1, "fusion_steps must be at least 0"),
+        ("fusion_lr", 0, "fusion_lr must be positive"),
         ("autocast", "fp16", "autocast is one of auto, bf16, off"),
     ],
 )

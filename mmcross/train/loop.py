@@ -24,6 +24,7 @@ from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.losses import LossWeights, MatchingLoss
 from mmcross.model import Matcher
 from mmcross.progress import Progress
+from mmcross.train.fusion_phase import enter_fusion_phase
 from mmcross.train.optim import optimizer_and_schedule, set_trainable
 from mmcross.train.plan import BatchSource, MicroBatch, mix_seed
 from mmcross.train.state import (
@@ -114,6 +115,9 @@ MIN_VALUES = {
     "eval_rerank_k": 0,
     "eval_max_images": 1,
     "last_n_blocks": 0,
+    "fusion_steps": 0,
+    "fusion_batch_size": 2,
+    "fusion_warmup_steps": 0,
 }
 NON_NEGATIVE = ("encoder_lr", "weight_decay", "grad_clip", "max_minutes", "itc_weight", "itm_weight", "vse_weight")
 
@@ -171,8 +175,15 @@ def check_cfg(cfg: TrainCfg) -> None:
         )
     if not 0.0 <= cfg.itm_uniform_negatives <= 1.0:
         raise ValueError(f"train.itm_uniform_negatives is a share in [0, 1], not {cfg.itm_uniform_negatives}")
-    if not 0.0 <= cfg.itm_start < 1.0:
-        raise ValueError(f"train.itm_start is a share of train.max_steps in [0, 1), not {cfg.itm_start}")
+    if not (0.0 <= cfg.itm_start < 1.0 or (cfg.itm_start == 1.0 and cfg.fusion_steps > 0)):
+        raise ValueError(
+            f"train.itm_start is a share of train.max_steps in [0, 1) (1.0 with train.fusion_steps: the ITM only in "
+            f"the fusion phase), not {cfg.itm_start}"
+        )
+    if cfg.fusion_steps and cfg.dataset_negatives:
+        raise ValueError("train.dataset_negatives is not supported with train.fusion_steps (a feature-cache phase)")
+    if cfg.fusion_steps and not cfg.itm_weight > 0:
+        raise ValueError("train.fusion_steps trains the fusion by the ITM alone: it needs train.itm_weight > 0")
     if cfg.autocast not in AUTOCAST:
         raise ValueError(f"train.autocast is one of {', '.join(AUTOCAST)}, not {cfg.autocast!r}")
     if not 0.0 <= cfg.caption_word_drop < 1.0:
@@ -184,8 +195,10 @@ def check_cfg(cfg: TrainCfg) -> None:
     for name, low in MIN_VALUES.items():
         if getattr(cfg, name) < low:
             raise ValueError(f"train.{name} must be at least {low}, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:  # also NaN
-        raise ValueError(f"train.lr must be positive, got {cfg.lr}")
+    for name in ("lr", "fusion_lr"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:  # also NaN
+            raise ValueError(f"train.{name} must be positive, got {value}")
     for name in NON_NEGATIVE:
         value = getattr(cfg, name)
         if value is not None and not value >= 0:
@@ -225,6 +238,7 @@ class Run:
     last_eval: dict[str, Any] | None = None
     losses: list[dict[str, float]] = field(default_factory=list)
     head_learns: bool = False  # the steps train the match head (ITM loss on, head trainable): counted in head_steps
+    phase_start: int = 0  # the step the current phase started at (the towers' `max_steps` in the fusion phase)
 
     @property
     def is_main(self) -> bool:
@@ -287,7 +301,10 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
     # the head learns in a step only from the ITM loss, and only where its weights train
     state.head_learns = cfg.itm_weight > 0 and any(p.requires_grad for p in matcher.head.parameters())
     if resume:
-        doc = load_state(run_dir, optimizer, scheduler, loss, device)
+        if cfg.fusion_steps and json.loads((run_dir / STATE_JSON).read_text())["step"] > cfg.max_steps:
+            # a checkpoint inside the fusion phase holds that phase's optimiser (one at max_steps, the towers')
+            enter_fusion_phase(state)
+        doc = load_state(run_dir, state.optimizer, state.scheduler, loss, device)
         state.step, state.best = doc["step"], doc.get("best")
         saved = checkpoint_metadata(last_path).get("step")
         if saved != str(state.step):
@@ -338,7 +355,8 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
     now = time.perf_counter()
     return {
         "step": r.step,
-        "epoch": round(r.step * cfg.accum_steps / plan_per_epoch, 4),
+        "epoch": round((r.step - r.phase_start) * cfg.accum_steps / plan_per_epoch, 4),
+        **({"phase": "fusion"} if r.phase_start else {}),
         **{k: round(v, 6) for k, v in sums.items()},
         "lr": lr,
         "temperature": round(float(1 / r.loss.itc.scale().detach()), 6),
@@ -361,7 +379,8 @@ def evaluate_and_checkpoint(r: Run, eval_records: list[Record], log_file, final:
         # the dual encoder's rsum: every evaluation has it (a re-ranked one needs a trained head, which a run with
         # train.itm_start has only later), so the best of the run compares like with like
         score = r.last_eval["metrics"]["rsum"]
-        if r.best is None or score > r.best:
+        # in the fusion phase the towers are frozen, so the dual rsum stays: the later head takes a tie
+        if r.best is None or score > r.best or (r.phase_start and score >= r.best):
             r.best = score
             save_checkpoint(r.matcher, r.run_dir / "best.safetensors", {"step": str(r.step), "rsum": str(score)})
         log_file.write(json.dumps({"step": r.step, "eval": r.last_eval}) + "\n")
@@ -403,37 +422,50 @@ def fit(
         eval_records = eval_records[: cfg.eval_max_images]
     rejects = RejectLog(r.run_dir) if r.is_main else None  # every job records what it could not use
     _log_rejects(rejects, read_rejects)
-    try:
-        source = BatchSource(r.matcher, records, cfg, r.rank, r.size, negative_of, also_true)
-    except NothingReadable as err:
-        _log_rejects(rejects, err.rejects)
-        raise
-    _log_rejects(rejects, source.new_rejects())
-    batches = source.batches(r.step * cfg.accum_steps, (cfg.max_steps - r.step) * cfg.accum_steps)
-    bar = Progress(cfg.max_steps, "train", "steps", enabled=progress and r.is_main, done=r.step)
+    total = cfg.max_steps + cfg.fusion_steps  # the towers' steps, then the fusion phase's (`train.fusion_steps`)
+    source, batches = None, None
+    logged: set[tuple] = set()  # reject paths already written: the fusion phase re-reads the images phase one did
+    bar = Progress(total, "train", "steps", enabled=progress and r.is_main, done=r.step)
     log_file = (r.run_dir / LOG_FILE).open("a") if r.is_main else None
-    window = {"samples": 0.0, "start": time.perf_counter()}
     stopped_by = "max_steps"
-    r.module.train()
     try:
-        while r.step < cfg.max_steps:
+        while r.step < total:
+            if source is None or (r.step == cfg.max_steps and not r.phase_start):
+                if r.step == cfg.max_steps:  # the towers are done (or were, in the run being resumed)
+                    if not r.phase_start:
+                        enter_fusion_phase(r)
+                    log.info("fusion phase: encoders frozen; encoding the training set once")
+                source = None  # the towers' decoded-image cache goes before the feature cache is built
+                try:
+                    source = BatchSource(r.matcher, records, r.cfg, r.rank, r.size, negative_of, also_true)
+                except NothingReadable as err:
+                    _log_rejects(rejects, err.rejects)
+                    raise
+                done = (r.step - r.phase_start) * r.cfg.accum_steps
+                batches = source.batches(done, (r.cfg.max_steps - r.step + r.phase_start) * r.cfg.accum_steps)
+                window = {"samples": 0.0, "start": time.perf_counter()}
+                r.module.train()
             try:
                 entry = train_step(r, batches, source.plan.per_epoch, window)
             except NothingReadable as err:
                 _log_rejects(rejects, err.rejects)
                 raise
-            _log_rejects(rejects, source.new_rejects())  # streamed: met while loading this step's images
+            new = [j for j in source.new_rejects() if (j.path, j.image_id) not in logged]  # streamed: this step's
+            logged.update((j.path, j.image_id) for j in new)
+            _log_rejects(rejects, new)
             r.losses.append(entry)
             # a step whose micro-batches were all skipped (too few images loaded) has no loss
             loss = f"loss {entry['loss']:.4f}" if "loss" in entry else "no usable batch"
             bar.update(r.step, f"{loss} lr {entry['lr']:.2e}")
-            if log_file and (r.step % max(cfg.log_every, 1) == 0 or r.step == cfg.max_steps):
+            if log_file and (r.step % max(cfg.log_every, 1) == 0 or r.step in (cfg.max_steps, total)):
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
                 window = {"samples": 0.0, "start": time.perf_counter()}
             elapsed_min = (time.perf_counter() - r.start_time) / 60
             out_of_time = any_rank(cfg.max_minutes > 0 and elapsed_min >= cfg.max_minutes, r.device)
-            evaluate_and_checkpoint(r, eval_records, log_file, final=r.step == cfg.max_steps or out_of_time)
+            # the towers' last step is evaluated and checkpointed too: the dual encoder is final there
+            final = r.step in (cfg.max_steps, total) or out_of_time
+            evaluate_and_checkpoint(r, eval_records, log_file, final=final)
             if on_step is not None:
                 on_step(entry)
             if out_of_time:
@@ -441,8 +473,10 @@ def fit(
                 log.warning("stopping at step %d: train.max_minutes=%s reached", r.step, cfg.max_minutes)
                 break
         if log_file:
-            # what the run promised (max_steps) and what it did: a safety stop is never silent
+            # what the run promised (max_steps + fusion_steps) and what it did: a safety stop is never silent
             done = {"step": r.step, "stopped_by": stopped_by, "max_steps": cfg.max_steps}
+            if cfg.fusion_steps:
+                done["fusion_steps"] = cfg.fusion_steps
             log_file.write(json.dumps({**done, "elapsed_s": round(time.perf_counter() - r.start_time, 2)}) + "\n")
     finally:
         if log_file:
@@ -450,7 +484,7 @@ def fit(
         bar.close()
     seconds = time.perf_counter() - r.start_time
     result = FitResult(r.run_dir, r.step, seconds, r.best, r.last_eval, r.losses, r.matcher, stopped_by)
-    result.rejects = rejects.count if rejects is not None else len(source.rejects)
+    result.rejects = rejects.count if rejects is not None else len(source.rejects if source else [])
     return result
 
 
