@@ -477,6 +477,7 @@ def fit(
             done = {"step": r.step, "stopped_by": stopped_by, "max_steps": cfg.max_steps}
             if cfg.fusion_steps:
                 done["fusion_steps"] = cfg.fusion_steps
+            done["versions"] = _versions()  # bf16 runs of one recipe part ways across torch builds: say which
             log_file.write(json.dumps({**done, "elapsed_s": round(time.perf_counter() - r.start_time, 2)}) + "\n")
     finally:
         if log_file:
@@ -486,6 +487,19 @@ def fit(
     result = FitResult(r.run_dir, r.step, seconds, r.best, r.last_eval, r.losses, r.matcher, stopped_by)
     result.rejects = rejects.count if rejects is not None else len(source.rejects if source else [])
     return result
+
+
+def _versions() -> dict[str, str]:
+    """torch, open_clip and mmcross versions of this process (the run log's last line records them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__}
+    for name in ("open_clip_torch", "mmcross"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
 
 
 def _log_rejects(log_: RejectLog | None, rejects: list[Reject]) -> None:
