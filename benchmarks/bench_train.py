@@ -176,7 +176,7 @@ def _ours_step_seconds(probe: Path) -> tuple[float, dict]:
     if not itc:
         raise RuntimeError(f"the probe in {probe} logged no steady ITC window; is OURS_PROBE_STEPS too short?")
     rates = {"itc": sum(itc) / len(itc), "itc_itm": sum(both) / len(both)}
-    share = min(_ours_cfg().train.itm_start, 1.0)
+    share = _ours_cfg().train.itm_start
     step_s = _ours_batch() * (share / rates["itc"] + (1 - share) / rates["itc_itm"])
     return step_s, {k: round(v, 2) for k, v in rates.items()}
 

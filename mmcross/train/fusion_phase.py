@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 from mmcross.config import TrainCfg
-from mmcross.losses import LossWeights
 from mmcross.train.optim import optimizer_and_schedule, set_trainable
 
 
@@ -45,8 +44,7 @@ def enter_fusion_phase(r) -> None:
     cfg = fusion_phase_cfg(r.cfg)
     set_trainable(r.matcher, "fusion")
     r.loss.itc.logit_scale.requires_grad_(False)
-    w = r.loss.weights
-    r.loss.weights = LossWeights(0.0, w.itm, 0.0, w.vse_margin, w.itm_uniform, w.itm_detach, w.itm_rank)
+    r.loss.weights = dataclasses.replace(r.loss.weights, itc=0.0, vse=0.0)
     r.optimizer, r.scheduler = optimizer_and_schedule(r.module, cfg)
     if r.size > 1:
         from torch.nn.parallel import DistributedDataParallel

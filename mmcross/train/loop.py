@@ -441,6 +441,7 @@ def fit(
                 except NothingReadable as err:
                     _log_rejects(rejects, err.rejects)
                     raise
+                _log_new_rejects(rejects, source, logged)  # the decode or feature cache's, before any step
                 done = (r.step - r.phase_start) * r.cfg.accum_steps
                 batches = source.batches(done, (r.cfg.max_steps - r.step + r.phase_start) * r.cfg.accum_steps)
                 window = {"samples": 0.0, "start": time.perf_counter()}
@@ -450,9 +451,7 @@ def fit(
             except NothingReadable as err:
                 _log_rejects(rejects, err.rejects)
                 raise
-            new = [j for j in source.new_rejects() if (j.path, j.image_id) not in logged]  # streamed: this step's
-            logged.update((j.path, j.image_id) for j in new)
-            _log_rejects(rejects, new)
+            _log_new_rejects(rejects, source, logged)  # streamed: met while loading this step's images
             r.losses.append(entry)
             # a step whose micro-batches were all skipped (too few images loaded) has no loss
             loss = f"loss {entry['loss']:.4f}" if "loss" in entry else "no usable batch"
@@ -500,6 +499,13 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "unknown"
     return out
+
+
+def _log_new_rejects(log_: RejectLog | None, source: BatchSource, logged: set[tuple]) -> None:
+    """Write the source's rejects not written yet (the fusion phase re-reads the images the towers' steps did)."""
+    new = [j for j in source.new_rejects() if (j.path, j.image_id) not in logged]
+    logged.update((j.path, j.image_id) for j in new)
+    _log_rejects(log_, new)
 
 
 def _log_rejects(log_: RejectLog | None, rejects: list[Reject]) -> None:
