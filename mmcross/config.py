@@ -157,6 +157,9 @@ class TrainCfg:
     fusion_batch_size: int = 128  # rows (one caption per image) per step of the fusion phase
     fusion_lr: float | None = None  # peak learning rate of the fusion phase (its own warm-up + cosine); None = `lr`
     fusion_warmup_steps: int = 50  # linear warm-up steps of the fusion phase's schedule
+    neighbour_batches: int = 0  # with the feature cache (the fusion phase, or trainable = "fusion"): batches of
+    # neighbourhoods, each drawn image with this many images drawn from its 16 nearest (frozen image embeddings), so
+    # the ITM's in-batch negatives are the look-alikes a re-rank must tell apart; 0 = random batches
     itm_rank_weight: float = 0.0  # ITM also ranks: softplus(negative - positive logit) per drawn negative and its
     # anchor, the order re-ranking needs (`mmcross.losses.itm_loss`)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off

@@ -158,6 +158,49 @@ def test_several_captions_per_image_share_a_batch_and_an_epoch_still_shows_each_
         EpochPlan(8, [5] * 8, batch=5, world_size=1, seed=0, captions_per_image=2)
 
 
+def test_nearest_images_match_a_brute_force_ranking_and_skip_unreadable_images():
+    from mmcross.train.plan import nearest_images
+
+    pooled = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
+    good = torch.ones(30, dtype=torch.bool)
+    good[[4, 17]] = False  # unreadable: zero features in the cache, never a neighbour
+    nearest = nearest_images(pooled, good, k=5, chunk=7)  # chunks of 7: the last one is short
+    unit = pooled / pooled.norm(dim=1, keepdim=True)
+    for i in range(30):
+        order = sorted((j for j in range(30) if j != i and good[j]), key=lambda j: -float(unit[i] @ unit[j]))
+        assert nearest[i].tolist() == order[:5], i
+
+
+def test_neighbour_batches_hold_each_seed_with_its_nearest_and_every_image_seeds_once_an_epoch():
+    from mmcross.train.plan import NeighbourPlan
+
+    n, group = 24, 2
+    nearest = torch.stack([torch.tensor([(i + d) % n for d in range(1, 7)]) for i in range(n)])  # (n, 6)
+    counts = [1 + i % 5 for i in range(n)]
+    plan = NeighbourPlan(nearest, counts, batch=6, world_size=1, seed=3, group=group)
+    assert plan.per_epoch == n // 2  # two seeds per batch
+    seeds = []
+    for m in range(plan.per_epoch):
+        epoch, images, captions = plan.micro_batch(m, 0)
+        assert epoch == 0 and len(images) == len(captions) == 6
+        for g in range(2):
+            seed, *members = images[3 * g : 3 * g + 3]
+            assert len(set(members)) == group and set(members) <= set(nearest[seed].tolist())
+            seeds.append(seed)
+        assert all(0 <= c < counts[i] for i, c in zip(images, captions))
+    assert sorted(seeds) == list(range(n))
+    assert plan.micro_batch(5, 0) == NeighbourPlan(nearest, counts, 6, 1, 3, group).micro_batch(5, 0)
+    assert plan.micro_batch(5, 0) != plan.micro_batch(5 + plan.per_epoch, 0)  # a fresh draw each epoch
+    # two ranks take different seeds of one global batch
+    two = NeighbourPlan(nearest, counts, batch=6, world_size=2, seed=3, group=group)
+    assert not {two.micro_batch(0, 0)[1][0], two.micro_batch(0, 0)[1][3]} & {
+        two.micro_batch(0, 1)[1][0],
+        two.micro_batch(0, 1)[1][3],
+    }
+    with pytest.raises(ValueError, match="neighbourhoods of 3"):
+        NeighbourPlan(nearest, counts, batch=7, world_size=1, seed=0, group=group)
+
+
 def test_one_tower_pass_per_image_gives_the_losses_of_repeated_images(tmp_path):
     """Rows sharing an image (`image_rows`) score as if the image had been encoded once per row; the ITM takes
     each image's first row."""

@@ -387,10 +387,22 @@ def test_fusion_phase_trains_the_fusion_alone_on_the_frozen_towers(shapes, tmp_p
     assert checkpoint_metadata(tmp_path / "run" / "best.safetensors")["head_steps"] == "3"
 
 
-@pytest.mark.parametrize("kill_at", [1, 2, 4], ids=["towers", "boundary", "fusion"])
-def test_kill_and_resume_across_the_fusion_phase_equals_uninterrupted(shapes, tmp_path, kill_at):
-    cfg = _run(shapes, ckpt_every=1, **{**FUSION_PHASE, "max_steps": 2, "fusion_steps": 4})
+@pytest.mark.parametrize(
+    ("kill_at", "neighbours"), [(1, 0), (2, 0), (4, 0), (4, 1)], ids=["towers", "boundary", "fusion", "neighbours"]
+)
+def test_kill_and_resume_across_the_fusion_phase_equals_uninterrupted(
+    shapes, tmp_path, kill_at, neighbours, monkeypatch
+):
+    from mmcross.train import plan
+
+    drawn = []  # the phase's batches come from the neighbourhood plan when train.neighbour_batches is set
+    original = plan.NeighbourPlan.micro_batch
+    monkeypatch.setattr(plan.NeighbourPlan, "micro_batch", lambda self, m, r: drawn.append(m) or original(self, m, r))
+    cfg = _run(
+        shapes, ckpt_every=1, **{**FUSION_PHASE, "max_steps": 2, "fusion_steps": 4, "neighbour_batches": neighbours}
+    )
     fit(cfg, tmp_path / "full", progress=False)
+    assert drawn == ([0, 1, 2, 3] if neighbours else [])
 
     class Killed(Exception):
         pass
@@ -479,9 +491,19 @@ def test_bf16_autocast_runs_the_towers_in_bf16_and_keeps_fp32_weights(shapes, tm
         ("fusion_steps", -1, "fusion_steps must be at least 0"),
         ("fusion_lr", 0, "fusion_lr must be positive"),
         ("autocast", "fp16", "autocast is one of auto, bf16, off"),
+        ("neighbour_batches", 2, "neighbour_batches builds batches from the feature cache"),
+        ("neighbour_batches", -1, "neighbour_batches must be at least 0"),
     ],
 )
 def test_bad_numbers_are_refused_before_the_run(shapes, tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
         fit(_run(shapes, **{key: value}), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_neighbourhoods_that_do_not_fill_the_fusion_batch_are_refused_before_the_run(shapes, tmp_path):
+    with pytest.raises(ValueError, match=r"fusion_batch_size \(6\) must be a multiple of train.neighbour_batches \+ 1"):
+        fit(_run(shapes, **{**FUSION_PHASE, "neighbour_batches": 3}), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="at most 16"):
+        fit(_run(shapes, **{**FUSION_PHASE, "neighbour_batches": 17}), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()

@@ -21,7 +21,8 @@ takes its slice of every global batch, the model is wrapped in DDP, and the ITC 
 ranks with gradients (`mmcross.losses.gather_with_grad`). Rank 0 writes the log, checkpoints and evaluations.
 
 The package: `plan` (which images and captions each micro-batch holds, and where its pixels come from), `optim`
-(what trains, parameter groups, schedule), `state` (save and resume without pickle), `loop` (`fit`).
+(what trains, parameter groups, schedule), `state` (save and resume without pickle), `fusion_phase` (the
+frozen-tower phase of `train.fusion_steps`), `loop` (`fit`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from mmcross.model import Matcher
 from mmcross.progress import Progress
 from mmcross.train.fusion_phase import enter_fusion_phase
 from mmcross.train.optim import optimizer_and_schedule, set_trainable
-from mmcross.train.plan import BatchSource, MicroBatch, mix_seed
+from mmcross.train.plan import NEIGHBOUR_POOL, BatchSource, MicroBatch, mix_seed
 from mmcross.train.state import (
     CONFIG_FILE,
     LOG_FILE,
@@ -118,6 +118,7 @@ MIN_VALUES = {
     "fusion_steps": 0,
     "fusion_batch_size": 2,
     "fusion_warmup_steps": 0,
+    "neighbour_batches": 0,
 }
 NON_NEGATIVE = ("encoder_lr", "weight_decay", "grad_clip", "max_minutes", "itc_weight", "itm_weight", "vse_weight")
 
@@ -184,6 +185,22 @@ def check_cfg(cfg: TrainCfg) -> None:
         raise ValueError("train.dataset_negatives is not supported with train.fusion_steps (a feature-cache phase)")
     if cfg.fusion_steps and not cfg.itm_weight > 0:
         raise ValueError("train.fusion_steps trains the fusion by the ITM alone: it needs train.itm_weight > 0")
+    if cfg.neighbour_batches > 0 and not (cfg.feature_cache or cfg.fusion_steps):
+        raise ValueError(
+            "train.neighbour_batches builds batches from the feature cache: it needs train.fusion_steps "
+            "or train.feature_cache"
+        )
+    if cfg.neighbour_batches > NEIGHBOUR_POOL:
+        raise ValueError(
+            f"train.neighbour_batches draws from each image's {NEIGHBOUR_POOL} nearest: at most "
+            f"{NEIGHBOUR_POOL}, not {cfg.neighbour_batches}"
+        )
+    batch_key = "fusion_batch_size" if cfg.fusion_steps else "batch_size"  # the batch the neighbourhoods fill
+    if cfg.neighbour_batches > 0 and getattr(cfg, batch_key) % (cfg.neighbour_batches + 1):
+        raise ValueError(
+            f"train.{batch_key} ({getattr(cfg, batch_key)}) must be a multiple of "
+            f"train.neighbour_batches + 1 ({cfg.neighbour_batches + 1}: an image and its neighbours)"
+        )
     if cfg.autocast not in AUTOCAST:
         raise ValueError(f"train.autocast is one of {', '.join(AUTOCAST)}, not {cfg.autocast!r}")
     if not 0.0 <= cfg.caption_word_drop < 1.0:

@@ -1,9 +1,10 @@
 """The batch plan: which images and captions each micro-batch holds, and where its pixels come from.
 
-Micro-batch m is a fixed function of (seed, m, rank) (`EpochPlan`), so a resumed run takes exactly the batches the
-uninterrupted run would have. The pixels come from one of three sources (`BatchSource`): the feature cache (frozen
-encoders: encoder outputs computed once), the decoded-image cache (uint8 arrays decoded once, crops on tensors), or
-image files decoded at every step in DataLoader workers (a training set too large for the cache).
+Micro-batch m is a fixed function of (seed, m, rank) (`EpochPlan`; on the feature cache optionally `NeighbourPlan`,
+batches of look-alike images), so a resumed run takes exactly the batches the uninterrupted run would have. The
+pixels come from one of three sources (`BatchSource`): the feature cache (frozen encoders: encoder outputs computed
+once), the decoded-image cache (uint8 arrays decoded once, crops on tensors), or image files decoded at every step
+in DataLoader workers (a training set too large for the cache).
 """
 
 from __future__ import annotations
@@ -103,6 +104,74 @@ class EpochPlan:
         first = offset[images] + round_ * self.per_image  # (I,)
         captions = (first[:, None] + torch.arange(self.per_image)) % self.counts[images][:, None]  # (I, C)
         return epoch, images.repeat_interleave(self.per_image).tolist(), captions.flatten().tolist()
+
+
+NEIGHBOUR_POOL = 16  # a neighbourhood's images are drawn from the seed's this many nearest
+
+
+def nearest_images(
+    pooled: torch.Tensor, good: torch.Tensor, k: int = NEIGHBOUR_POOL, chunk: int = 2048
+) -> torch.Tensor:
+    """(N, k) indices of each image's k nearest other images by cosine of `pooled` (N, E); images not `good`
+    (unreadable) are never anyone's neighbour."""
+    unit = torch.nn.functional.normalize(pooled.float(), dim=-1)
+    k = min(k, max(int(good.sum()) - 1, 1))
+    nearest = []
+    for start in range(0, len(unit), chunk):
+        sim = unit[start : start + chunk] @ unit.T  # (c, N)
+        sim[:, ~good.to(sim.device)] = -float("inf")
+        rows = torch.arange(start, start + len(sim), device=sim.device)
+        sim[torch.arange(len(sim), device=sim.device), rows] = -float("inf")  # never itself
+        nearest.append(sim.topk(k, dim=1).indices.cpu())
+    return torch.cat(nearest)
+
+
+class NeighbourPlan:
+    """Micro-batches of neighbourhoods (`train.neighbour_batches` = G; feature cache): each epoch every image is
+    drawn once as a seed, in a fresh permutation, and brings G images drawn from its `NEIGHBOUR_POOL` nearest (one
+    random caption per row). The ITM draws its negatives within the batch, so they are then the look-alikes that
+    the dual encoder's top candidates are at search time rather than whatever shared a random batch. A fixed
+    function of (seed, m, rank) like `EpochPlan`, so resumable. Rows of one image (a neighbour met twice) are known
+    matches of each other, never negatives.
+
+    Args:
+        nearest: (N, k) each image's nearest images (`nearest_images`).
+        caption_counts: captions per image.
+        batch: rows per micro-batch per rank, a multiple of G + 1.
+        world_size, seed: as `EpochPlan`.
+        group: G.
+    """
+
+    def __init__(
+        self, nearest: torch.Tensor, caption_counts: Sequence[int], batch: int, world_size: int, seed: int, group: int
+    ):
+        if batch % (group + 1):
+            raise ValueError(f"a batch of {batch} rows does not split into neighbourhoods of {group + 1} images")
+        self.nearest, self.batch, self.world_size, self.seed, self.group = nearest, batch, world_size, seed, group
+        self.n = len(nearest)
+        self.counts = torch.tensor(list(caption_counts)).clamp_min(1)
+        self.seeds_per_batch = batch // (group + 1)
+        self.per_epoch = self.n // (self.seeds_per_batch * world_size)
+        if self.per_epoch < 1:
+            raise ValueError(f"{self.n} training images are fewer than one global batch's seeds")
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
+        """(epoch, image index per row, caption index per row) of global micro-batch `m` for `rank`."""
+        epoch, position = divmod(m, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (
+                epoch,
+                torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, 8))),
+            )
+        s = self.seeds_per_batch
+        start = (position * self.world_size + rank) * s
+        seeds = self._perm[1][start : start + s]  # (S,)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, m, rank, 9))
+        pick = torch.rand(s, self.nearest.shape[1], generator=g).argsort(dim=1)[:, : self.group]  # (S, G)
+        members = torch.cat([seeds[:, None], self.nearest[seeds[:, None], pick]], dim=1).flatten()  # (S (G + 1),)
+        captions = (torch.rand(len(members), generator=g) * self.counts[members]).long()
+        return epoch, members.tolist(), captions.tolist()
 
 
 def distinct_images(images: Sequence[int]) -> tuple[list[int], torch.Tensor | None]:
@@ -331,7 +400,11 @@ class BatchSource:
             self.mean, self.std = normalisation(matcher.image_encoder.preprocess)
         self.records = records
         counts = [len(r.captions) for r in records]
-        self.plan = EpochPlan(len(records), counts, cfg.batch_size, size, cfg.seed, cfg.captions_per_image)
+        if self.cache is not None and cfg.neighbour_batches:
+            nearest = nearest_images(self.cache.images.pooled, self.cache.good)
+            self.plan = NeighbourPlan(nearest, counts, cfg.batch_size, size, cfg.seed, cfg.neighbour_batches)
+        else:
+            self.plan = EpochPlan(len(records), counts, cfg.batch_size, size, cfg.seed, cfg.captions_per_image)
 
     def new_rejects(self) -> list[Reject]:
         """The rejects found since the last call (all of them at the first), for the run's rejects.jsonl."""
