@@ -151,6 +151,7 @@ def _ours(out: Path, steps: int, minutes: float, eval_split: str = "null") -> li
         "train.seed": SEED,
         "train.data": str(FLICKR8K),
         "train.fusion_steps": 0,  # the towers' phase only: the fusion phase changes no dual-encoder score
+        "train.neighbour_batches": 0,  # how the fusion phase draws its batches: no phase here
         **_towers_only_itm(),
     }
     cmd = [*MMCROSS, "train", "--config", str(CONFIG), "--out", str(out), "--no-progress"]
