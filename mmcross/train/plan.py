@@ -316,7 +316,8 @@ def decode_cache(
 
 @dataclass
 class FeatureCache:
-    """Encoder outputs of every training image and caption (frozen encoders: encoded once, before training)."""
+    """Encoder outputs of every training image and caption (frozen encoders: encoded once, before training), in
+    host memory; micro-batches are moved to the device."""
 
     images: ImageFeatures  # encoder outputs of every training image (eval transform)
     texts: TextFeatures  # every caption
@@ -340,12 +341,13 @@ def build_feature_cache(matcher: Matcher, records: Sequence[Record], cfg: TrainC
     pooled = encoded.features.pooled.new_zeros(len(records), *encoded.features.pooled.shape[1:])
     tokens = encoded.features.tokens.new_zeros(len(records), *encoded.features.tokens.shape[1:])
     pooled[good], tokens[good] = encoded.features.pooled, encoded.features.tokens
-    device = matcher.device
     captions = [c for r in records for c in r.captions]
-    texts = encode_texts(matcher, captions, batch_size=4 * cfg.batch_size).to(device)
+    # host memory, not the accelerator's: every caption's token states padded to the longest caption are the bulk
+    # (Flickr30k's 145k captions x 77 x 512 floats are 23 GB); each micro-batch goes to the device on its own
+    texts = encode_texts(matcher, captions, batch_size=4 * cfg.batch_size).to("cpu")
     counts = torch.tensor([len(r.captions) for r in records])
     first = torch.cumsum(counts, 0) - counts
-    return FeatureCache(ImageFeatures(pooled, tokens).to(device), texts, first, captions, good, encoded.rejects)
+    return FeatureCache(ImageFeatures(pooled, tokens).to("cpu"), texts, first, captions, good, encoded.rejects)
 
 
 @dataclass
@@ -401,7 +403,7 @@ class BatchSource:
         self.records = records
         counts = [len(r.captions) for r in records]
         if self.cache is not None and cfg.neighbour_batches:
-            nearest = nearest_images(self.cache.images.pooled, self.cache.good)
+            nearest = nearest_images(self.cache.images.pooled.to(matcher.device), self.cache.good)
             self.plan = NeighbourPlan(nearest, counts, cfg.batch_size, size, cfg.seed, cfg.neighbour_batches)
         else:
             self.plan = EpochPlan(len(records), counts, cfg.batch_size, size, cfg.seed, cfg.captions_per_image)
@@ -431,11 +433,11 @@ class BatchSource:
             keep = [k for k, i in enumerate(images) if cache.good[i]]  # rows whose image decoded
             idx = torch.tensor([images[k] for k in keep], dtype=torch.long)
             cap = cache.first_caption[idx] + torch.tensor([captions[k] for k in keep], dtype=torch.long)
-            dev = cache.images.pooled.device
+            dev = self.matcher.device
             rows = [records[i] for i in idx.tolist()]
             drawn = [cache.captions[c] for c in cap.tolist()]
             known = known_matches(rows, drawn, self.also_true).to(dev)
-            yield MicroBatch(cache.images.select(idx.to(dev)), cache.texts.select(cap), len(idx), None, known)
+            yield MicroBatch(cache.images.select(idx).to(dev), cache.texts.select(cap).to(dev), len(idx), None, known)
             m += 1
 
     def _decoded(self, m: int) -> Iterator[MicroBatch]:
