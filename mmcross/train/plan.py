@@ -41,6 +41,21 @@ def mix_seed(*values: int) -> int:
     return h
 
 
+class KeyedDraws:
+    """Random tensors that are a fixed function of (seed, key): `make(generator seeded by mix_seed(seed, *key))`,
+    each kind (`what`) kept for its latest key, so an epoch's permutation is drawn once, not per micro-batch."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._latest: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def __call__(self, what: str, key: tuple[int, ...], make) -> torch.Tensor:
+        latest = self._latest.get(what)
+        if latest is None or latest[0] != key:
+            latest = self._latest[what] = (key, make(torch.Generator().manual_seed(mix_seed(self.seed, *key))))
+        return latest[1]
+
+
 class EpochPlan:
     """Which images and captions micro-batch m holds: a fixed function of (seed, epoch, position), so resumable.
 
@@ -84,13 +99,7 @@ class EpochPlan:
                 f"{n_images} training images are fewer than one global batch ({self.images_per_batch * world_size})"
             )
         self.per_epoch = self.rounds * self.per_round
-        self._cached: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
-
-    def _draw(self, what: str, key: tuple[int, ...], make) -> torch.Tensor:
-        cached = self._cached.get(what)
-        if cached is None or cached[0] != key:
-            cached = self._cached[what] = (key, make(torch.Generator().manual_seed(mix_seed(self.seed, *key))))
-        return cached[1]
+        self._draw = KeyedDraws(seed)
 
     def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
         """(epoch, image index per row, caption index per row) of global micro-batch `m` for `rank`."""
@@ -154,19 +163,15 @@ class NeighbourPlan:
         self.per_epoch = self.n // (self.seeds_per_batch * world_size)
         if self.per_epoch < 1:
             raise ValueError(f"{self.n} training images are fewer than one global batch's seeds")
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self._draw = KeyedDraws(seed)
 
     def micro_batch(self, m: int, rank: int) -> tuple[int, list[int], list[int]]:
         """(epoch, image index per row, caption index per row) of global micro-batch `m` for `rank`."""
         epoch, position = divmod(m, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (
-                epoch,
-                torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, 8))),
-            )
+        perm = self._draw("perm", (epoch, 8), lambda g: torch.randperm(self.n, generator=g))
         s = self.seeds_per_batch
         start = (position * self.world_size + rank) * s
-        seeds = self._perm[1][start : start + s]  # (S,)
+        seeds = perm[start : start + s]  # (S,)
         g = torch.Generator().manual_seed(mix_seed(self.seed, m, rank, 9))
         pick = torch.rand(s, self.nearest.shape[1], generator=g).argsort(dim=1)[:, : self.group]  # (S, G)
         members = torch.cat([seeds[:, None], self.nearest[seeds[:, None], pick]], dim=1).flatten()  # (S (G + 1),)
