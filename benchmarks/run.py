@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks import bench_fast, bench_index, bench_loader, bench_rerank, bench_score, bench_text
+from benchmarks import bench_fast, bench_index, bench_loader, bench_rerank, bench_score, bench_text, train_step
 
 # "fast" runs last: OpenVINO's threading runtime, once loaded, can crash later multi-threaded torch work in-process
 BENCHES = {
@@ -21,6 +21,7 @@ BENCHES = {
     "rerank": bench_rerank.run,
     "score": bench_score.run,
     "text": bench_text.run,
+    "train_step": train_step.run,
     "fast": bench_fast.run,
 }
 

@@ -1,85 +1,169 @@
-"""Where a training step's time goes: data, image tower, text tower, losses (ITC + ITM forward), backward, optimiser.
+"""Where a training step's time goes, measured on the real `mmcross train` of a run config.
 
-Usage: python -m benchmarks.train_step PRESET BATCH THREADS cache|jpeg [noitm]
+Usage: python -m benchmarks.train_step [--config configs/flickr8k-scratch.yaml] [--phase towers fusion]
+       [--steps 24] [--warmup 4] [--set KEY=VALUE ...]
 
-`cache` reads the decoded-image cache and crops on tensors (as `train.decode_cache` does); `jpeg` decodes and
-transforms each image with PIL in this process (the streaming path with `workers: 0`). Six timed steps after one
-warm-up step, on the Flickr8k train images in ../shared; prints one JSON line.
+Runs `train_from_config` on the config for a few steps of each phase in a scratch run folder and clocks, inside
+the optimiser steps only (the feature cache's encoding and the evaluations are left out): data (reading and
+cropping the decoded cache or the feature cache, tokenising), the image and caption towers' forward, the losses'
+forward (ITC, and the ITM with its fusion and head), backward, and the rest of the step (gradient clip, optimiser,
+schedule). The first `warmup` steps of each phase are not counted. Wall clocks are exact here: CPU ops run
+synchronously (on a GPU these figures would need a synchronise and are not meaningful).
+
+- towers: the config's towers' steps (`train.fusion_steps=0`; with the ITM from step 0 where the config's towers'
+  steps have it at all, `train.itm_start` < 1).
+- fusion: two towers' steps, then the fusion phase on the feature cache (`train.fusion_steps`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
-import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import torch
 
-from benchmarks.common import FLICKR8K
-from mmcross.config import DataCfg
-from mmcross.data.decoded import DecodedImages, augment_batch, default_cache_dir
-from mmcross.data.loader import collate, load_item
-from mmcross.data.registry import open_dataset
-from mmcross.factory import create_matcher
-from mmcross.losses import LossWeights, MatchingLoss
-from mmcross.train.plan import normalisation
+from mmcross.config import load_run_cfg
+from mmcross.losses import MatchingLoss
+from mmcross.model import Matcher
+from mmcross.train import loop
+from mmcross.train.plan import BatchSource
 
-STEPS = 6
+PARTS = ("data", "image fwd", "text fwd", "losses fwd", "backward")
 
 
-def main(preset: str, batch: int, threads: int, data: str, itm: bool = True) -> dict:
-    torch.set_num_threads(threads)
-    matcher = create_matcher(preset, overrides={"fusion.variant": "text_to_image", "fusion.dropout": 0.1}).train()
-    loss = MatchingLoss(LossWeights(1.0, 1.0 if itm else 0.0, 0.0, 0.2, 0.5))
-    opt = torch.optim.AdamW([*matcher.parameters(), *loss.parameters()], lr=1e-4, fused=True)
-    records = [r for r in open_dataset(str(FLICKR8K), DataCfg(format="flickr", split="train")).records() if r.captions]
-    h, w = matcher.image_encoder.image_size
-    mean, std = normalisation(matcher.image_encoder.preprocess)
-    side = math.ceil(max(h, w) * 1.15 / 8) * 8
-    cache = None
-    if data == "cache":
-        cache = DecodedImages.open_or_build(records, side, default_cache_dir(), dataset=str(FLICKR8K), split="train")
-    seconds: dict[str, float] = {}
+class StepClock:
+    """Seconds per part of the optimiser steps that run while `clocked()` is active."""
 
-    def clock(name, fn):
-        start = time.perf_counter()
-        out = fn()
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-        return out
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.seconds = dict.fromkeys((*PARTS, "step"), 0.0)
+        self.steps = 0
+        self.samples = 0.0
+        self.inside = False  # only time spent inside `train_step` counts (not the feature cache's encoding)
+        self.seen = 0
 
-    def pixels(index):
-        if cache is not None:
-            return augment_batch(cache.batch(index), (h, w), mean, std, min_scale=0.5)
-        transform = matcher.image_encoder.preprocess_train
-        return collate([load_item(i, records[i], transform, DataCfg(), (w, h)) for i in index]).pixels
+    def counting(self) -> bool:
+        return self.inside and self.seen > self.warmup
 
-    for step in range(STEPS + 1):
-        if step == 1:
-            seconds.clear()  # the first step warms up oneDNN
-        index = list(range(step * batch, (step + 1) * batch))
-        px = clock("data", lambda: pixels(index))
-        ids = matcher.tokenize([records[i].captions[0] for i in index])
-        image = clock("image fwd", lambda: matcher.encode_image(px))
-        text = clock("text fwd", lambda: matcher.encode_text(ids))
-        out = clock("losses fwd", lambda: loss(matcher, image, text))
-        clock("backward", lambda: out["loss"].backward())
-        clock("optimiser", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
-    total = sum(seconds.values())
-    return {
-        "preset": preset,
-        "batch": batch,
-        "threads": threads,
-        "data": data,
-        "itm": itm,
-        "s_per_step": round(total / STEPS, 3),
-        "samples_per_s": round(batch * STEPS / total, 1),
-        "share": {k: round(v / total, 3) for k, v in seconds.items()},
-    }
+    def timed(self, part: str, fn):
+        def wrapper(*args, **kwargs):
+            if not self.counting():
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+
+        return wrapper
+
+    def timed_batches(self, fn):
+        def wrapper(*args, **kwargs):
+            return self._timed_iter(fn(*args, **kwargs))
+
+        return wrapper
+
+    def _timed_iter(self, batches: Iterator) -> Iterator:
+        while True:
+            start = time.perf_counter()
+            item = next(batches)
+            if self.counting():
+                self.seconds["data"] += time.perf_counter() - start
+            yield item
+
+    def timed_step(self, fn):
+        def wrapper(r, batches, plan_per_epoch, window):
+            self.inside, self.seen = True, self.seen + 1
+            before = window["samples"]
+            start = time.perf_counter()
+            try:
+                return fn(r, batches, plan_per_epoch, window)
+            finally:
+                if self.counting():
+                    self.seconds["step"] += time.perf_counter() - start
+                    self.steps += 1
+                    self.samples += window["samples"] - before
+                self.inside = False
+
+        return wrapper
+
+    @contextmanager
+    def clocked(self):
+        with (
+            mock.patch.object(loop, "train_step", self.timed_step(loop.train_step)),
+            mock.patch.object(BatchSource, "batches", self.timed_batches(BatchSource.batches)),
+            mock.patch.object(Matcher, "encode_image", self.timed("image fwd", Matcher.encode_image)),
+            mock.patch.object(Matcher, "encode_text", self.timed("text fwd", Matcher.encode_text)),
+            mock.patch.object(MatchingLoss, "forward", self.timed("losses fwd", MatchingLoss.forward)),
+            mock.patch.object(torch.Tensor, "backward", self.timed("backward", torch.Tensor.backward)),
+        ):
+            yield self
+
+    def report(self) -> dict:
+        total = self.seconds["step"]
+        if not self.steps or total <= 0:
+            raise RuntimeError("no optimiser step was timed (too few steps for the warm-up?)")
+        parts = {k: self.seconds[k] for k in PARTS}
+        parts["clip, optimiser, rest"] = max(total - sum(parts.values()), 0.0)
+        return {
+            "steps_timed": self.steps,
+            "s_per_step": round(total / self.steps, 3),
+            "pairs_per_s": round(self.samples / total, 1),
+            "share": {k: round(v / total, 3) for k, v in parts.items()},
+        }
+
+
+def phase_overrides(phase: str, steps: int, itm_in_towers: bool) -> dict[str, str]:
+    """`--set` overrides that make a short run of one phase, without evaluations. `itm_in_towers`: the config's
+    towers' steps run the ITM (`train.itm_start` < 1); when they do not, the towers' run turns it off."""
+    common = {"train.eval_split": "null", "train.max_minutes": "0", "train.log_every": "1000", "train.ckpt_every": "0"}
+    if phase == "fusion":
+        return {**common, "train.max_steps": "2", "train.fusion_steps": str(steps)}
+    towers = {**common, "train.max_steps": str(steps), "train.fusion_steps": "0", "train.neighbour_batches": "0"}
+    return towers if itm_in_towers else {**towers, "train.itm_weight": "0", "train.itm_start": "0"}
+
+
+def measure(config: str, phase: str, steps: int, warmup: int, overrides: dict[str, str]) -> dict:
+    """Time `steps` optimiser steps of `phase` (the first `warmup` not counted) of the config's run."""
+    itm_in_towers = load_run_cfg(config, overrides).train.itm_start < 1.0
+    clock = StepClock(warmup + (2 if phase == "fusion" else 0))  # the fusion run's two towers' steps go first
+    with tempfile.TemporaryDirectory() as run_dir, clock.clocked():
+        sets = {**overrides, **phase_overrides(phase, steps + warmup, itm_in_towers)}  # the phase has the last word
+        loop.train_from_config(config, run_dir, sets, progress=False)
+    return {"phase": phase, "threads": torch.get_num_threads(), **clock.report()}
+
+
+CONFIG = "configs/flickr8k-scratch.yaml"
+
+
+def run() -> dict[str, float]:
+    """`make bench`'s figures: both phases of the Flickr8k config (run from the repository root)."""
+    results: dict[str, float] = {}
+    for phase in ("towers", "fusion"):
+        out = measure(CONFIG, phase, steps=24, warmup=4, overrides={})
+        results[f"train_step.{phase}.s_per_step"] = out["s_per_step"]
+        results[f"train_step.{phase}.pairs_per_s"] = out["pairs_per_s"]
+        results.update({f"train_step.{phase}.share.{k}": v for k, v in out["share"].items()})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--phase", nargs="+", choices=("towers", "fusion"), default=["towers", "fusion"])
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per phase")
+    parser.add_argument("--warmup", type=int, default=4, help="steps per phase not timed (oneDNN warms up)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    overrides = dict(s.split("=", 1) for s in args.sets)
+    results = [measure(args.config, p, args.steps, args.warmup, overrides) for p in args.phase]
+    print(json.dumps({"config": args.config, "overrides": overrides, "phases": results}, indent=2))
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    print(
-        json.dumps(main(args[0], int(args[1]), int(args[2]), args[3], itm=not (len(args) > 4 and args[4] == "noitm")))
-    )
+    main()
