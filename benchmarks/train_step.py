@@ -71,7 +71,10 @@ class StepClock:
     def _timed_iter(self, batches: Iterator) -> Iterator:
         while True:
             start = time.perf_counter()
-            item = next(batches)
+            try:
+                item = next(batches)
+            except StopIteration:  # a streamed run's batches end (PEP 479 would turn this into a RuntimeError)
+                return
             if self.counting():
                 self.seconds["data"] += time.perf_counter() - start
             yield item
