@@ -507,3 +507,51 @@ def test_neighbourhoods_that_do_not_fill_the_fusion_batch_are_refused_before_the
     with pytest.raises(ValueError, match="at most 16"):
         fit(_run(shapes, **{**FUSION_PHASE, "neighbour_batches": 17}), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_gpu_finetune_config_runs_its_recipe_through_the_cli_on_the_tiny_model(shapes, tmp_path):
+    """configs/flickr30k-finetune.yaml (pretrained ViT-B-32 on a GPU) is not run here; its recipe is: last-n
+    blocks trainable, head from the ITC, towers' steps by ITC alone, then the fusion phase on look-alike batches."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from mmcross.factory import load_matcher
+
+    config = Path(__file__).parent.parent / "configs" / "flickr30k-finetune.yaml"
+    small = {
+        "model": "tiny",  # 4 blocks a tower: the last 2 train
+        "pretrained": "none",
+        "train.data": str(shapes),
+        "train.format": "auto",
+        "train.last_n_blocks": "2",
+        "train.max_steps": "2",
+        "train.fusion_steps": "2",
+        "train.batch_size": "8",
+        "train.fusion_batch_size": "8",
+        "train.warmup_steps": "1",
+        "train.fusion_warmup_steps": "1",
+        "train.workers": "0",
+        "train.eval_max_images": "6",
+        "train.eval_rerank_k": "4",
+        "train.eval_every": "2",
+        "train.log_every": "1",
+        "train.decode_cache": str(tmp_path / "decoded"),
+    }
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={v}")]
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet", *sets]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["step"] == 4
+    log = _log(tmp_path / "run")
+    assert [("itm" in e, e.get("phase")) for e in log] == [(False, None)] * 2 + [(True, "fusion")] * 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [e["eval"] for e in lines if "eval" in e]
+    assert evals[0]["rerank_skipped"] == "untrained head" and evals[-1]["rerank_metrics"]
+    start = load_matcher(load_run_cfg(str(config), small).model_ref()).state_dict()
+    end = load_checkpoint(tmp_path / "run" / "last.safetensors").state_dict()
+    for tower in ("image_encoder.visual.transformer", "text_encoder.transformer"):
+        moved = [
+            not torch.equal(start[k], end[k]) for k in (f"{tower}.resblocks.{b}.mlp.c_fc.weight" for b in range(4))
+        ]
+        assert moved == [False, False, True, True]  # trainable: last_n
