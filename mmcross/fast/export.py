@@ -112,6 +112,7 @@ def compress_int8_openvino(fp32: Path, path: Path) -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import nncf
     import openvino as ov
+    import rich
 
     # NNCF logs its statistics table to stdout, where `embed` writes its JSON: only its warnings, and on stderr
     logger = logging.getLogger("nncf")
@@ -121,12 +122,17 @@ def compress_int8_openvino(fp32: Path, path: Path) -> None:
     for handler in streams:
         handler.setStream(sys.stderr)
     logger.setLevel(logging.WARNING)
+    # NNCF draws its own rich bar on rich's global console, even under --quiet and into logs; the build is reported
+    # by mmcross's own note ("built the int8 ... graph"), so that console stays quiet for the call
+    console = rich.get_console()
+    was_quiet, console.quiet = console.quiet, True
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             model = nncf.compress_weights(ov.Core().read_model(str(fp32)), mode=nncf.CompressWeightsMode.INT8_SYM)
             ov.save_model(model, str(path), compress_to_fp16=False)
     finally:
+        console.quiet = was_quiet
         logger.setLevel(level)
         for handler, stream in streams.items():
             handler.setStream(stream)
