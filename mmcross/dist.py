@@ -49,6 +49,8 @@ def setup_training(device_name: str = "auto") -> tuple[int, int, torch.device]:
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     else:
         device = torch.device("cuda" if device_name == "auto" else device_name)
+        if device.index is None:  # set_device and DDP's device_ids need an index ("cuda" alone raises)
+            device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     return rank, size, device
 
