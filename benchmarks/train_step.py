@@ -7,8 +7,9 @@ Runs `train_from_config` on the config for a few steps of each phase in a scratc
 the optimiser steps only (the feature cache's encoding and the evaluations are left out): data (reading and
 cropping the decoded cache or the feature cache, tokenising), the image and caption towers' forward, the losses'
 forward (ITC, and the ITM with its fusion and head), backward, and the rest of the step (gradient clip, optimiser,
-schedule). The first `warmup` steps of each phase are not counted. Wall clocks are exact here: CPU ops run
-synchronously (on a GPU these figures would need a synchronise and are not meaningful).
+schedule). The first `warmup` steps of each phase are not counted. CPU ops run synchronously; on a GPU every clocked
+part starts and ends with a synchronise, so the parts add up to the step (at the price of the overlap of host and
+device work that an unclocked step has: `s_per_step` is then an upper bound).
 
 - towers: the config's towers' steps (`train.fusion_steps=0`; with the ITM from step 0 where the config's towers'
   steps have it at all, `train.itm_start` < 1).
@@ -36,6 +37,16 @@ from mmcross.train.plan import BatchSource
 PARTS = ("data", "image fwd", "text fwd", "losses fwd", "backward")
 
 
+def _gpu_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, where a GPU is in use (its kernels run after the call that queued them)."""
+    if _gpu_in_use():
+        torch.cuda.synchronize()
+
+
 class StepClock:
     """Seconds per part of the optimiser steps that run while `clocked()` is active."""
 
@@ -54,10 +65,12 @@ class StepClock:
         def wrapper(*args, **kwargs):
             if not self.counting():
                 return fn(*args, **kwargs)
+            _sync()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                _sync()
                 self.seconds[part] += time.perf_counter() - start
 
         return wrapper
@@ -70,12 +83,15 @@ class StepClock:
 
     def _timed_iter(self, batches: Iterator) -> Iterator:
         while True:
+            if self.counting():
+                _sync()
             start = time.perf_counter()
             try:
                 item = next(batches)
             except StopIteration:  # a streamed run's batches end (PEP 479 would turn this into a RuntimeError)
                 return
             if self.counting():
+                _sync()
                 self.seconds["data"] += time.perf_counter() - start
             yield item
 
@@ -83,11 +99,14 @@ class StepClock:
         def wrapper(r, batches, plan_per_epoch, window):
             self.inside, self.seen = True, self.seen + 1
             before = window["samples"]
+            if self.counting():
+                _sync()
             start = time.perf_counter()
             try:
                 return fn(r, batches, plan_per_epoch, window)
             finally:
                 if self.counting():
+                    _sync()
                     self.seconds["step"] += time.perf_counter() - start
                     self.steps += 1
                     self.samples += window["samples"] - before
@@ -138,7 +157,8 @@ def measure(config: str, phase: str, steps: int, warmup: int, overrides: dict[st
     with tempfile.TemporaryDirectory() as run_dir, clock.clocked():
         sets = {**overrides, **phase_overrides(phase, steps + warmup, itm_in_towers)}  # the phase has the last word
         loop.train_from_config(config, run_dir, sets, progress=False)
-    return {"phase": phase, "threads": torch.get_num_threads(), **clock.report()}
+    device = torch.cuda.get_device_name() if _gpu_in_use() else "cpu"
+    return {"phase": phase, "device": device, "threads": torch.get_num_threads(), **clock.report()}
 
 
 CONFIG = "configs/flickr8k-scratch.yaml"
