@@ -137,8 +137,8 @@ def convert(
     cfg = cfg or DataCfg()
     data = open_dataset(dataset, cfg)
     out = Path(out)
-    stale = sorted(out.glob({"wds": "*.tar", "csv": "*.csv"}.get(to, "*.never"))) if out.is_dir() else []
-    if stale:  # shards or CSVs of an earlier run would mix with this one's (and sizes.json would not list them)
+    stale = sorted(out.glob({"wds": "*.tar", "csv": "*.csv", "jsonl": "manifest.jsonl"}[to])) if out.is_dir() else []
+    if stale:  # an earlier run's output would mix with (or, for a manifest, be overwritten by) this one's
         raise ValueError(f"{out} already holds {stale[0].name} ...: remove them or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     rejects = RejectLog(out)
@@ -157,7 +157,10 @@ def convert(
     sizes: dict[str, int] = {}
     shards: dict[str, _ShardWriter] = {}
     tables: dict[str, tuple] = {}
-    manifest = open(out / "manifest.jsonl", "w", encoding="utf-8") if to == "jsonl" else None
+    # written under a temporary name and renamed once whole: a run that fails half-way leaves no manifest behind
+    manifest_path = out / "manifest.jsonl"
+    manifest = open(manifest_path.with_suffix(".jsonl.tmp"), "w", encoding="utf-8") if to == "jsonl" else None
+    done = False
     try:
         for position, result in enumerate(imap_ordered(_prepare, items(), workers)):
             record = records[position]
@@ -204,6 +207,7 @@ def convert(
                         report.samples += 1
             report.written += 1
             report.per_split[split] = report.per_split.get(split, 0) + 1
+        done = True
     finally:
         for writer in shards.values():
             writer.close()
@@ -211,6 +215,10 @@ def convert(
             handle.close()
         if manifest is not None:
             manifest.close()
+            if done:
+                Path(manifest.name).replace(manifest_path)
+            else:
+                Path(manifest.name).unlink(missing_ok=True)
     report.records = len(records)
     rejects.write(data.stats.rejects)
     report.rejects = rejects.count
