@@ -29,7 +29,6 @@ from mmcross.progress import Progress
 
 log = logging.getLogger(__name__)
 
-BELOW = 1e3  # candidates outside the top K are pushed this far below every re-ranked score
 DEFAULT_RERANK_K = 16  # `run_eval` re-ranks this many candidates per query when the head was trained
 
 
@@ -40,7 +39,7 @@ class EncodedSplit:
     images: ImageFeatures  # N images (encoder outputs only)
     texts: TextFeatures  # M captions
     caption_image: torch.Tensor  # (M,) index into `images` of each caption's image
-    image_ids: list[str]  # N
+    records: list[Record]  # N: the records whose image decoded, in `images`' order (ids may repeat)
     rejects: int  # images that could not be decoded (left out with their captions)
     matches: torch.Tensor  # (N, M) bool: caption j is, word for word (`caption_key`), one of image i's captions
 
@@ -71,9 +70,9 @@ def encode_split(
     captions = [c for record in encoded.records for c in record.captions]
     caption_image = torch.tensor([i for i, record in enumerate(encoded.records) for _ in record.captions])
     texts = encode_texts(matcher, captions, batch_size=4 * batch_size)
-    image_ids = [record.image_id for record in encoded.records]
-    matches = same_text_matches(captions, caption_image, len(image_ids))
-    return EncodedSplit(encoded.features, texts, caption_image, image_ids, len(encoded.rejects), matches)
+    kept = [records[i] for i in encoded.indices]  # with their image bytes, where the data holds them
+    matches = same_text_matches(captions, caption_image, len(kept))
+    return EncodedSplit(encoded.features, texts, caption_image, kept, len(encoded.rejects), matches)
 
 
 @torch.no_grad()
@@ -87,7 +86,8 @@ def rerank_similarity(
     by: str = "column",
     batch_pairs: int = 1024,
     progress: bool = False,
-) -> torch.Tensor:
+    shown: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`similarity` (N_img, N_cap) with each query's top-k candidates rescored by the fusion and moved ahead.
 
     Args:
@@ -99,14 +99,21 @@ def rerank_similarity(
         by: "column" re-ranks each caption's images (text -> image), "row" each image's captions (image -> text).
         batch_pairs: pairs per fusion call.
         progress: show the queries done on stderr.
+        shown: also return the scores to show beside the ranking: the ranking score for the top k, ITC elsewhere.
 
     Returns:
-        (N_img, N_cap) scores whose ranking per column (or row) is the re-ranked one.
+        (N_img, N_cap) scores whose ranking per column (or row) is the re-ranked one (the top k lifted by a
+        per-query constant), and with `shown` that matrix of shown scores.
     """
     sim = similarity if by == "row" else similarity.T  # (Q, C) queries x candidates
     k = min(k, sim.shape[1])
     top = sim.topk(k, dim=1).indices  # (Q, k)
-    out = sim.float() - BELOW
+    # Candidates outside the top k keep their exact ITC; the top k's scores are lifted above the query's best ITC by
+    # a per-query constant (their order unchanged). Pushing the others down by a large constant instead rounded
+    # near-equal ITC scores to ties in float32, and ties count against the true match.
+    out = sim.float().clone()
+    ceiling = out.max(dim=1).values  # (Q,)
+    display = out.clone() if shown else None
     queries_per_call = max(1, batch_pairs // max(k, 1))
     what = "text -> image" if by == "column" else "image -> text"
     bar = Progress(sim.shape[0], f"eval: re-ranking {what}", "queries", enabled=progress)
@@ -120,10 +127,16 @@ def rerank_similarity(
         else:
             image_part, text_part = images.select(c_flat), texts.select(q_flat)
         scores = matcher.score_pairs(image_part, text_part).score.float().cpu()  # (q*k,)
-        out[q[:, None], cand] = scores.view(len(q), k)
+        scores = scores.view(len(q), k)
+        lift = ceiling[q] + 1.0 - scores.min(dim=1).values  # (q,) puts every candidate above the query's rest
+        out[q[:, None], cand] = scores + lift[:, None]
+        if display is not None:
+            display[q[:, None], cand] = scores
         bar.advance(len(q))
     bar.close()
-    return out if by == "row" else out.T
+    if by == "column":
+        out, display = out.T, None if display is None else display.T
+    return out if display is None else (out, display)
 
 
 @torch.no_grad()
@@ -158,12 +171,15 @@ def evaluate(
         similarity = split.images.pooled.float() @ split.texts.pooled.float().T  # (N_img, N_cap)
         metrics = retrieval_metrics(similarity, split.caption_image, ks, split.matches)
         rerank = rerank_effect = None
-        t2i_sim = i2t_sim = similarity
+        t2i_sim = i2t_sim = t2i_shown = i2t_shown = similarity
         if k > 0:
             images = matcher.prepare(split.images.to(dtype=matcher.dtype))
             texts = matcher.prepare(split.texts.to(dtype=matcher.dtype))
-            t2i_sim = rerank_similarity(matcher, images, texts, similarity, k, by="column", progress=progress)
-            i2t_sim = rerank_similarity(matcher, images, texts, similarity, k, by="row", progress=progress)
+            rescore = dict(progress=progress, shown=failures > 0)
+            t2i_sim = rerank_similarity(matcher, images, texts, similarity, k, by="column", **rescore)
+            i2t_sim = rerank_similarity(matcher, images, texts, similarity, k, by="row", **rescore)
+            if failures > 0:
+                (t2i_sim, t2i_shown), (i2t_sim, i2t_shown) = t2i_sim, i2t_sim
             t2i = retrieval_metrics(t2i_sim, split.caption_image, ks, split.matches)
             i2t = retrieval_metrics(i2t_sim, split.caption_image, ks, split.matches)
             rerank = {key: (t2i if key.startswith("image_") else i2t)[key] for key in metrics if key != "rsum"}
@@ -185,7 +201,7 @@ def evaluate(
         "metrics": metrics,
         "rerank_metrics": rerank,
         "rerank_effect": rerank_effect,
-        "images": len(split.image_ids),
+        "images": len(split.records),
         "captions": int(split.caption_image.numel()),
         "rejects": split.rejects,
         "seconds": round(time.perf_counter() - start, 2),
@@ -193,11 +209,17 @@ def evaluate(
     if failures > 0:
         from mmcross.report.gallery import worst_failures
 
-        by_id = {r.image_id: r for r in records}
-        captions = [c for image_id in split.image_ids for c in by_id[image_id].captions]  # encode_split's order
-        images = [(i, by_id[i].path or by_id[i].data) for i in split.image_ids]
+        captions = [c for record in split.records for c in record.captions]  # encode_split's order
+        images = [(r.image_id, r.path or r.data) for r in split.records]
         result["failures"] = worst_failures(
-            t2i_sim, i2t_sim, split.caption_image, captions, images, n=failures, matches=split.matches
+            t2i_sim,
+            i2t_sim,
+            split.caption_image,
+            captions,
+            images,
+            n=failures,
+            matches=split.matches,
+            shown=(t2i_shown, i2t_shown),
         )
     return result
 

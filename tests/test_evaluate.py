@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from mmcross.data.records import Record
-from mmcross.evaluate import evaluate
+from mmcross.evaluate import evaluate, rerank_similarity
 from mmcross.factory import create_matcher
 from tests.train_helpers import make_shapes
 
@@ -88,3 +88,73 @@ def test_eval_cli_writes_clip_benchmark_json(tmp_path):
         assert 0 <= report["metrics"][key] <= 1 and 0 <= report["rerank_metrics"][key] <= 1
     bad = CliRunner().invoke(app, ["eval", str(tmp_path / "nope"), "--model", "tiny"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+class _IndexFeatures:
+    """Stand-in features: `select` keeps the indices, so the stub matcher knows which pair it scores."""
+
+    def select(self, index):
+        return index
+
+
+class _FixedScores:
+    """A matcher whose ranking score of (image i, caption j) is read from a table."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def score_pairs(self, images, texts):
+        return type("Scores", (), {"score": self.table[images, texts]})()
+
+
+def test_rerank_keeps_near_ties_outside_the_top_k_apart():
+    # ITC scores 6e-6 apart: pushed down by a large constant in float32 they became equal, and ties count against
+    # the true match, so recall@K for K above the re-ranked k fell although the top-k set cannot change it
+    torch.manual_seed(0)
+    similarity = 0.3 + 6e-6 * torch.randperm(40).float().view(8, 5)  # (8 images, 5 captions), all distinct
+    fusion = torch.rand(8, 5)
+    for by, queries in (("column", similarity.T), ("row", similarity)):
+        sim = rerank_similarity(_FixedScores(fusion), _IndexFeatures(), _IndexFeatures(), similarity, 3, by=by)
+        ranked = sim.T if by == "column" else sim
+        rescored = fusion.T if by == "column" else fusion
+        for q in range(queries.shape[0]):
+            order = torch.argsort(queries[q], descending=True).tolist()
+            top, rest = order[:3], order[3:]
+            by_fusion = sorted(top, key=lambda c: -float(rescored[q, c]))
+            assert torch.argsort(ranked[q], descending=True)[:3].tolist() == by_fusion
+            assert ranked[q, rest].unique().numel() == len(rest)  # no ties made
+            assert torch.argsort(ranked[q, rest], descending=True).tolist() == list(range(len(rest)))  # ITC order
+            assert ranked[q, top].min() > ranked[q, rest].max()
+        _, shown = rerank_similarity(
+            _FixedScores(fusion), _IndexFeatures(), _IndexFeatures(), similarity, 3, by=by, shown=True
+        )
+        reranked = sim != similarity  # the lifted top 3 of each query; the scores shown there are the fusion's own
+        assert int(reranked.sum()) == 3 * queries.shape[0]
+        assert torch.equal(shown[reranked], fusion[reranked]) and torch.equal(shown[~reranked], similarity[~reranked])
+
+
+def test_failures_with_an_image_id_under_two_records(tiny_cfg, tmp_path):
+    # one photo listed under two splits (two records, one id): the failure gallery took captions by id, so it fell
+    # over (`eval --html`: IndexError) or paired captions with the wrong images
+    for i in range(4):
+        Image.new("RGB", (32, 32), (80 * i, 40, 200 - 60 * i)).save(tmp_path / f"{i}.png")
+    records = [
+        Record("0.png", ["red one", "red two"], path=tmp_path / "0.png"),
+        Record("0.png", ["red three"], path=tmp_path / "0.png"),
+        *[Record(f"{i}.png", [f"colour {i}", f"shade {i}"], path=tmp_path / f"{i}.png") for i in (1, 2, 3)],
+    ]
+    owner = {c: r.image_id for r in records for c in r.captions}
+    result = evaluate(create_matcher(tiny_cfg), records, k=0, failures=10)
+    assert result["failures"], "random init on 5 images: some true matches rank below 1"
+    for failure in result["failures"]:
+        if failure.direction == "text_to_image":
+            assert owner[failure.query.caption] == failure.truth.image_id
+        else:
+            assert owner[failure.truth.caption] == failure.query.image_id
+            assert all(owner[a.caption] == a.image_id for a in failure.above)
+    rows = [(r.image_id, c, "test" if i == 1 else "train") for i, r in enumerate(records) for c in r.captions]
+    (tmp_path / "pairs.csv").write_text("image,caption,split\n" + "".join(",".join(r) + "\n" for r in rows))
+    args = ["eval", str(tmp_path / "pairs.csv"), "--split", "all", "--model", "tiny", "--rerank", "0"]
+    result = CliRunner().invoke(app, [*args, "--html", str(tmp_path / "eval.html")])
+    assert result.exit_code == 0, result.output
+    assert "red three" in (tmp_path / "eval.html").read_text()

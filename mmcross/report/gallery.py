@@ -233,6 +233,7 @@ def worst_failures(
     n: int = 20,
     above: int = 4,
     matches: torch.Tensor | None = None,
+    shown: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Failure]:
     """The `n` queries of each direction whose true match ranked lowest, with the `above` best wrong candidates.
 
@@ -245,6 +246,8 @@ def worst_failures(
         n: failures per direction.
         above: at most this many of the wrong candidates that ranked above the true match, per failure.
         matches: (N_img, N_cap) bool, every image each caption describes (`mmcross.metrics`); None = `caption_image`.
+        shown: the (t2i, i2t) scores to print beside each item, where the ranking ones are not the model's own (a
+            re-rank lifts its top K above the rest); None = the ranking scores.
     """
     import torch
 
@@ -252,6 +255,7 @@ def worst_failures(
 
     caption_image = torch.as_tensor(caption_image).long()
     t2i, i2t = t2i_similarity.float().cpu(), i2t_similarity.float().cpu()
+    t2i_shown, i2t_shown = (t2i, i2t) if shown is None else (shown[0].float().cpu(), shown[1].float().cpu())
     matches = match_matrix(caption_image, t2i.shape[0]) if matches is None else torch.as_tensor(matches).cpu()
     out: list[Failure] = []
     ranks = text_to_image_ranks(t2i, caption_image, matches)  # (N_cap,)
@@ -270,9 +274,9 @@ def worst_failures(
                 "text_to_image",
                 int(ranks[c]),
                 Item(own_id, caption=captions[c]),
-                Item(own_id, source=own_src, score=float(column[true]), rank=int(ranks[c])),
+                Item(own_id, source=own_src, score=float(t2i_shown[true, c]), rank=int(ranks[c])),
                 [
-                    Item(images[i][0], source=images[i][1], score=float(column[i]), rank=r + 1)
+                    Item(images[i][0], source=images[i][1], score=float(t2i_shown[i, c]), rank=r + 1)
                     for r, i in enumerate(order)
                 ],
             )
@@ -291,9 +295,11 @@ def worst_failures(
                 "image_to_text",
                 int(ranks[i]),
                 Item(image_id, source=source),
-                Item(image_id, caption=captions[best], score=float(row[best]), rank=int(ranks[i])),
+                Item(image_id, caption=captions[best], score=float(i2t_shown[i, best]), rank=int(ranks[i])),
                 [
-                    Item(images[int(caption_image[c])][0], caption=captions[c], score=float(row[c]), rank=r + 1)
+                    Item(
+                        images[int(caption_image[c])][0], caption=captions[c], score=float(i2t_shown[i, c]), rank=r + 1
+                    )
                     for r, c in enumerate(order[: min(above, int(ranks[i]) - 1)])
                 ],
             )
