@@ -74,6 +74,14 @@ def image_to_text_ranks(
     return _ranks_by_row(similarity, matches.to(similarity.device))
 
 
+def median_rank(ranks: torch.Tensor) -> float:
+    """Median of 1-based ranks as VSE++ and SCAN report it (`floor(np.median(ranks))`): with an even count, the
+    mean of the two middle ranks, rounded down. `torch.median` would return the lower middle rank instead."""
+    ordered = ranks.sort().values
+    n = ordered.numel()
+    return float((ordered[(n - 1) // 2] + ordered[n // 2]) // 2)
+
+
 def recall_at_k(ranks: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[int, float]:
     """Fraction of queries whose rank is at most K, for each K."""
     return {k: float((ranks <= k).float().mean()) for k in ks}
@@ -104,8 +112,8 @@ def retrieval_metrics(
         metrics[f"image_retrieval_recall@{k}"] = value
     for k, value in recall_at_k(i2t, ks).items():
         metrics[f"text_retrieval_recall@{k}"] = value
-    metrics["image_retrieval_median_rank"] = float(t2i.float().median())
-    metrics["text_retrieval_median_rank"] = float(i2t.float().median())
+    metrics["image_retrieval_median_rank"] = median_rank(t2i)
+    metrics["text_retrieval_median_rank"] = median_rank(i2t)
     metrics["rsum"] = 100.0 * sum(v for key, v in metrics.items() if "recall@" in key)
     return metrics
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
 import torch
 
-from mmcross.metrics import retrieval_metrics
+from mmcross.metrics import median_rank, retrieval_metrics
 
 
 def naive_metrics(sim: list[list[float]], caption_image: list[int], ks=(1, 5, 10), matches=None) -> dict[str, float]:
@@ -36,8 +37,8 @@ def naive_metrics(sim: list[list[float]], caption_image: list[int], ks=(1, 5, 10
         out[f"image_retrieval_recall@{k}"] = sum(r <= k for r in t2i) / len(t2i)
     for k in ks:
         out[f"text_retrieval_recall@{k}"] = sum(r <= k for r in i2t) / len(i2t)
-    out["image_retrieval_median_rank"] = statistics.median_low(t2i)
-    out["text_retrieval_median_rank"] = statistics.median_low(i2t)
+    out["image_retrieval_median_rank"] = math.floor(statistics.median(t2i))
+    out["text_retrieval_median_rank"] = math.floor(statistics.median(i2t))
     out["rsum"] = 100 * sum(v for key, v in out.items() if "recall@" in key)
     return out
 
@@ -110,3 +111,11 @@ def test_rank_changes_counts_each_query_once():
     before = torch.tensor([1, 3, 5, 2, 0, 7])
     after = torch.tensor([1, 1, 6, 2, 0, 2])  # same, up, down, same, (no match), up
     assert rank_changes(before, after) == {"up": 2, "down": 1, "same": 2, "sign_test_p": pytest.approx(1.0)}
+
+
+def test_median_rank_of_an_even_count_is_the_mean_of_the_middle_two_rounded_down():
+    # VSE++ / SCAN: floor(np.median(ranks)); the lower middle rank (torch.median) reported 11 here
+    assert median_rank(torch.tensor([40, 11, 3, 19])) == 15.0
+    assert median_rank(torch.tensor([40, 11, 3, 20])) == 15.0  # 15.5 rounded down
+    assert median_rank(torch.tensor([7, 1, 3])) == 3.0
+    assert median_rank(torch.tensor([5])) == 5.0
