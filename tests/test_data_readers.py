@@ -157,6 +157,25 @@ def test_table_invalid_utf8_and_bytes_images(tmp_path):
     pq.write_table(table, tmp_path / "hf.parquet")
     record = _read(tmp_path / "hf.parquet")[1][0]
     assert record.data is not None and record.image_id == "x.jpg" and record.captions == ["hf style"]
+    on_disk = tmp_path / "disk.jpg"
+    on_disk.write_bytes(image_bytes())
+    table = pa.table({"image": [{"bytes": None, "path": str(on_disk)}], "text": ["kept on disk"]})  # HF: not embedded
+    pq.write_table(table, tmp_path / "hf_files.parquet")
+    data, records = _read(tmp_path / "hf_files.parquet")
+    assert [(r.path, r.data, r.captions) for r in records] == [(on_disk, None, ["kept on disk"])]
+    assert not data.stats.rejects
+
+
+def test_jsonl_columns_from_every_row_not_only_the_first(tmp_path):
+    rows = ["", json.dumps({"image": "a.jpg", "caption": "no split given"})]  # a blank first line, then no split
+    rows += [json.dumps({"image": "b.jpg", "caption": "test one", "split": "test"})]
+    rows += [json.dumps({"image": "c.jpg", "caption": "train one", "split": "train", "image_id": "cee"})]
+    write(tmp_path / "later.jsonl", "\n".join(rows) + "\n")
+    records = _read(tmp_path / "later.jsonl", split="all")[1]
+    assert sorted((r.image_id, r.split) for r in records) == [("a.jpg", None), ("b.jpg", "test"), ("cee", "train")]
+    write(tmp_path / "none.jsonl", "\n[1, 2]\nnot json\n")
+    with pytest.raises(ValueError, match="is a JSON object"):
+        _read(tmp_path / "none.jsonl")
 
 
 def test_folder_of_tables_takes_split_from_file_name(tmp_path):

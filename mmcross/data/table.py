@@ -103,6 +103,32 @@ def sniff_delimiter(path: Path) -> str:
         return "\t" if first.count("\t") > first.count(",") else ","
 
 
+def _jsonl_columns(path: Path) -> list[str]:
+    """The keys of a JSONL table's objects in the first `_SNIFF_BYTES`, in first-seen order: rows may leave keys
+    out (a row without `split` before rows with one), and blank or malformed lines are skipped here (the reader
+    rejects malformed ones)."""
+    with open(path, "rb") as handle:
+        sample = handle.read(_SNIFF_BYTES)
+    lines = sample.decode("utf-8", errors="replace").removeprefix("\ufeff").splitlines()
+    if len(sample) == _SNIFF_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # whole lines only
+    columns: dict[str, None] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            columns.update(dict.fromkeys(row))
+    if not columns:
+        raise ValueError(
+            f"{path.name}: no line of its first {_SNIFF_BYTES // 1024} KiB is a JSON object, so the columns are unknown"
+        )
+    return list(columns)
+
+
 def header(path: Path) -> tuple[list[str], str]:
     """Column names of a table file, read cheaply, and its CSV delimiter ("," for JSONL and Parquet)."""
     kind = SUFFIXES.get(path.suffix.lower())
@@ -112,16 +138,10 @@ def header(path: Path) -> tuple[list[str], str]:
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names), ","
+    if kind == "jsonl":
+        return _jsonl_columns(path), ","
     with open(path, "rb") as handle:
         first = handle.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n")
-    if kind == "jsonl":
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path.name}: the first line is not a JSON object, so the columns are unknown")
-        return list(row), ","
     if not first.strip():
         raise ValueError(f"{path} is empty (no header row)")
     delimiter = sniff_delimiter(path)
@@ -283,6 +303,9 @@ def read_file(path: Path, cfg: DataCfg, stats: ReadStats, file_split: str | None
         record_path, data, image_id = None, None, None
         if isinstance(cell, dict) and cell.get("bytes"):
             data, image_id = cell["bytes"], cell.get("path") or f"{path.name}:{number}"
+        elif isinstance(cell, dict) and isinstance(cell.get("path"), str) and cell["path"].strip():
+            image_id = cell["path"].strip()  # Hugging Face's Image feature keeps files on disk as {"bytes": None, ...}
+            record_path = root / image_id
         elif isinstance(cell, bytes | bytearray) and cell:
             data, image_id = bytes(cell), f"{path.name}:{number}"
         elif isinstance(cell, str) and cell.strip():
