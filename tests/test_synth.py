@@ -68,7 +68,7 @@ def test_data_synth_cli_writes_a_manifest_every_reader_takes(tmp_path):
 
     from cli import app
     from mmcross.data.registry import open_dataset
-    from mmcross.data.synth import read_negatives
+    from mmcross.data.synth import read_holdout, read_negatives
 
     out = tmp_path / "synth"
     result = CliRunner().invoke(app, ["data", "synth", str(out), "-n", "40", "--seed", "2", "--holdout", "red circle"])
@@ -84,6 +84,13 @@ def test_data_synth_cli_writes_a_manifest_every_reader_takes(tmp_path):
     assert all((again / "images" / p.name).read_bytes() == p.read_bytes() for p in (out / "images").iterdir())
     refused = CliRunner().invoke(app, ["data", "synth", str(out)])
     assert refused.exit_code == 2 and "already holds" in refused.output
+    # written as the captions spell it, so `eval --hard-negatives` finds the held-out pairs ("Red Circle" found none)
+    upper = tmp_path / "upper"
+    CliRunner().invoke(app, ["data", "synth", str(upper), "-n", "40", "--seed", "2", "--holdout", " Red  Circle "])
+    assert (upper / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()
+    assert read_holdout(upper) == ["red circle"]
+    (upper / "synth.json").write_text('{"holdout": ["Red  Circle"]}')  # a set written before the fix
+    assert read_holdout(upper) == ["red circle"]
 
 
 def test_one_object_negatives_borrow_a_colour_from_the_scene_when_they_can():

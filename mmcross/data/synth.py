@@ -263,6 +263,7 @@ def write_synth(
     out = Path(out)
     if (out / MANIFEST).exists():
         raise ValueError(f"{out} already holds a {MANIFEST}; choose an empty folder")
+    holdout = [" ".join(parse_holdout(combo)) for combo in holdout or []]  # "Red  Circle" -> "red circle", as captions
     (out / "images").mkdir(parents=True, exist_ok=True)
     items = generate(
         n_images, seed=seed, image_size=image_size, holdout=holdout, relations_per_image=relations_per_image
@@ -282,10 +283,10 @@ def write_synth(
             }
             manifest.write(json.dumps(row) + "\n")
     tmp.replace(out / MANIFEST)
-    params = {"n_images": n_images, "seed": seed, "image_size": image_size, "holdout": list(holdout or [])}
+    params = {"n_images": n_images, "seed": seed, "image_size": image_size, "holdout": holdout}
     (out / SYNTH_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
     counts = {split: sum(item.split == split for item in items) for split in ("train", "dev", "test")}
-    return SynthSummary(out, counts, sum(len(item.captions) for item in items), list(holdout or []))
+    return SynthSummary(out, counts, sum(len(item.captions) for item in items), holdout)
 
 
 def read_statements(manifest: str | Path) -> dict[str, list[str]]:
@@ -341,4 +342,5 @@ def negative_kind(caption: str, negative: str) -> str:
 def read_holdout(dataset: str | Path) -> list[str]:
     """The held-out combinations a synth folder was generated with ([] when it has no synth.json)."""
     params = Path(dataset) / SYNTH_PARAMS
-    return json.loads(params.read_text()).get("holdout", []) if params.is_file() else []
+    held = json.loads(params.read_text()).get("holdout", []) if params.is_file() else []
+    return [" ".join(combo.lower().split()) for combo in held]  # as captions spell them (older sets kept the raw text)
