@@ -76,6 +76,7 @@ def corpus(tmp_path_factory):
         "animated.gif": _animated_gif(),
         "sixteen.png": _png_16bit(65535),
         "sixteen_half.png": _png_16bit(32896),
+        "sixteen_dark.png": _png_16bit(200),  # 16-bit values that happen to fit 8 bits: still 16-bit, so near black
         "cmyk.jpg": image_bytes((0, 255, 255, 0), (8, 8), mode="CMYK", quality=95),  # cyan 0, magenta+yellow: red
         "rotated.jpg": _exif_rotated_jpeg(),
         "bomb.png": png_claiming(30000, 30000),
@@ -161,6 +162,7 @@ def test_sixteen_bit_is_scaled_not_clipped(corpus):
     assert decode(corpus / "sixteen.png").mode.startswith("I")
     assert tuple(_rgb(corpus, "sixteen.png")[0, 0]) == (255, 255, 255)
     assert tuple(_rgb(corpus, "sixteen_half.png")[0, 0]) == (128, 128, 128)  # 32896 / 257
+    assert tuple(_rgb(corpus, "sixteen_dark.png")[0, 0]) == (1, 1, 1)  # 200 / 257, not 200
 
 
 def test_other_modes_and_formats(corpus):

@@ -82,7 +82,9 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
         values = np.asarray(image, dtype=np.float64)
         if mode == "F":
             top = 1.0 if values.size and values.max() <= 1.0 else 255.0
-        else:  # integer modes: 16-bit unless every value already fits 8 bits
+        elif mode.startswith("I;16"):  # 16-bit by the mode, whatever the values: a dark image stays dark
+            top = 65535.0
+        else:  # "I" (32-bit; older Pillow opens 16-bit PNGs so): 16-bit unless every value already fits 8 bits
             top = 65535.0 if values.size and values.max() > 255 else 255.0
         gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
