@@ -273,6 +273,14 @@ def run_eval(
         matcher.require_trained_head("--rerank")
     if hard_negatives and not allow_untrained_head:
         matcher.require_trained_head("--hard-negatives")  # its itm and score accuracies would be the head's noise
+    if hard_negatives:  # read before the recall pass, so a dataset without negatives fails at once
+        from mmcross.data.synth import SYNTH_PARAMS, negative_kind, read_holdout, read_negatives
+
+        negatives = read_negatives(dataset)
+        if not negatives:
+            raise ValueError(f"{dataset}: no caption has a hard negative (a manifest's `negatives` lists)")
+        folder = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent
+        kind_of = negative_kind if (folder / SYNTH_PARAMS).is_file() else None  # the synth grammar is known
     result = evaluate(
         matcher, records, k, batch_size=batch_size, workers=workers, failures=failures if html else 0, progress=progress
     )
@@ -290,13 +298,10 @@ def run_eval(
         **result,
     }
     if hard_negatives:
-        from mmcross.data.synth import SYNTH_PARAMS, negative_kind, read_holdout, read_negatives
         from mmcross.hard_negatives import hard_negative_eval
 
-        folder = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent
-        kind_of = negative_kind if (folder / SYNTH_PARAMS).is_file() else None  # the synth grammar is known
         report["hard_negatives"] = hard_negative_eval(
-            matcher, records, read_negatives(dataset), read_holdout(folder), batch_size=batch_size, kind_of=kind_of
+            matcher, records, negatives, read_holdout(folder), batch_size=batch_size, kind_of=kind_of
         )
     if out is not None:
         out = Path(out)

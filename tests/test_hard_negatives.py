@@ -72,6 +72,31 @@ def test_eval_cli_reports_hard_negatives(synth, tmp_path):
     assert sum(v["pairs"] for v in hard["heldout_by_kind"].values()) == hard["heldout_pairs"]
 
 
+def test_eval_cli_hard_negatives_of_a_dataset_without_them_fails_before_the_recall_pass(synth, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import mmcross.evaluate
+    from cli import app
+
+    def no_recall_pass(*args, **kwargs):
+        raise AssertionError("the recall pass ran before the negatives were read")
+
+    monkeypatch.setattr(mmcross.evaluate, "evaluate", no_recall_pass)
+    rows = [f"{r.path},{r.captions[0]},test\n" for r in open_dataset(synth, DataCfg(split="test")).records()][:3]
+    (tmp_path / "pairs.csv").write_text("image,caption,split\n" + "".join(rows))
+    plain = tmp_path / "plain.jsonl"  # a manifest, but no negatives in it
+    plain.write_text(
+        "".join(f'{{"image_id": "{i}", "image": "{r.split(",")[0]}", "captions": ["x"]}}\n' for i, r in enumerate(rows))
+    )
+    for dataset, message in (
+        (tmp_path / "pairs.csv", "is not a JSONL manifest"),
+        (plain, "no caption has a hard negative"),
+    ):
+        args = ["eval", str(dataset), "--model", "tiny", "--split", "all", "--hard-negatives", "--allow-untrained-head"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_negative_kind_names_what_the_negative_changed():
     from mmcross.data.synth import negative_kind
 

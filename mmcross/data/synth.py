@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,35 +292,40 @@ def write_synth(
 
 def read_statements(manifest: str | Path) -> dict[str, list[str]]:
     """image_id -> every caption true of the image (the manifest's `statements`; {} for a manifest without them)."""
-    found: dict[str, list[str]] = {}
-    with _manifest_path(manifest).open(encoding="utf-8") as rows:
-        for line in rows:
-            if line.strip():
+    return {str(row["image_id"]): list(row["statements"]) for row in _manifest_rows(manifest) if row.get("statements")}
+
+
+def _manifest_rows(manifest: str | Path) -> Iterator[dict]:
+    """The JSON objects of a JSONL manifest (a file, or a folder holding `manifest.jsonl`), with a clear error for
+    anything else: negatives and statements live only in such manifests."""
+    path = Path(manifest)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"no {MANIFEST} with hard negatives at {path} (make one with `mmcross data synth`)")
+    if path.suffix.lower() != ".jsonl":
+        raise ValueError(
+            f"{path.name} is not a JSONL manifest: hard negatives are read from one with `negatives` lists"
+        )
+    with path.open(encoding="utf-8") as rows:
+        for number, line in enumerate(rows, 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                if row.get("statements"):
-                    found[str(row["image_id"])] = list(row["statements"])
-    return found
-
-
-def _manifest_path(manifest: str | Path) -> Path:
-    manifest = Path(manifest)
-    if manifest.is_dir():
-        manifest = manifest / MANIFEST
-    if not manifest.is_file():
-        raise ValueError(f"no {MANIFEST} with hard negatives at {manifest} (make one with `mmcross data synth`)")
-    return manifest
+            except json.JSONDecodeError:
+                raise ValueError(f"{path.name}: line {number} is not JSON") from None
+            if isinstance(row, dict) and "image_id" in row and "captions" in row:
+                yield row
 
 
 def read_negatives(manifest: str | Path) -> dict[str, dict[str, str]]:
     """image_id -> {caption: its hard negative}, from a synth manifest (or any JSONL table with `negatives`)."""
     negatives: dict[str, dict[str, str]] = {}
-    with _manifest_path(manifest).open(encoding="utf-8") as rows:
-        for line in rows:
-            if line.strip():
-                row = json.loads(line)
-                pairs = {c: n for c, n in zip(row["captions"], row.get("negatives") or []) if n}  # null: none exists
-                if pairs:
-                    negatives[str(row["image_id"])] = pairs
+    for row in _manifest_rows(manifest):
+        pairs = {c: n for c, n in zip(row["captions"], row.get("negatives") or []) if n}  # null: none exists
+        if pairs:
+            negatives[str(row["image_id"])] = pairs
     return negatives
 
 
