@@ -243,6 +243,7 @@ def data_convert(
     unless --strict finds rejects or nothing at all could be read.
     """
     from mmcross.data.convert import convert
+    from mmcross.data.images import WHITE
 
     with user_errors():
         cfg = _data_cfg(fmt, split, image_root, image_col, caption_col, max_pixels, background)
@@ -251,6 +252,11 @@ def data_convert(
     typer.echo(f"read {report.records:,} records ({report.format}, {report.reason})")
     typer.echo(f"wrote {report.written:,} images as {report.samples:,} {to} samples to {out} ({splits or 'none'})")
     typer.echo(f"files: {', '.join(report.files)}")
+    if report.referenced and tuple(cfg.background) != WHITE:
+        typer.echo(
+            f"note: --background was not applied to the {report.referenced:,} image(s) written as paths to their "
+            "files, unchanged (it composites only the images this command writes: shards, or images read as bytes)"
+        )
     typer.echo(f"{report.rejects:,} reject(s) -> {report.rejects_path}")
     if report.failed:
         typer.echo(f"error: {_nothing_read(report.records, split)}", err=True)
@@ -300,6 +306,8 @@ def index(
     fmt: str = _FORMAT,
     split: str | None = _SPLIT,
     image_root: Path | None = _IMAGE_ROOT,
+    image_col: str | None = _IMAGE_COL,
+    caption_col: str | None = _CAPTION_COL,
     model: str | None = _MODEL,
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
@@ -329,7 +337,8 @@ def index(
     from mmcross.index.build import BuildOptions, build_index
 
     with user_errors():
-        data_cfg = DataCfg(format=fmt, split=split, image_root=str(image_root) if image_root else None)
+        root = str(image_root) if image_root else None
+        data_cfg = DataCfg(format=fmt, split=split, image_root=root, image_col=image_col, caption_col=caption_col)
         ref = _ref(model, pretrained, checkpoint, set_)
         opts = BuildOptions(
             images=images,
@@ -605,6 +614,9 @@ def eval_(
     split: str = typer.Option(
         "test", "--split", "-s", help="Split to evaluate: train, dev (val), test, or all (every record, split or not)."
     ),
+    image_root: Path | None = _IMAGE_ROOT,
+    image_col: str | None = _IMAGE_COL,
+    caption_col: str | None = _CAPTION_COL,
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="A .safetensors checkpoint, or a run directory (its best, else last)."
     ),
@@ -641,7 +653,13 @@ def eval_(
     with user_errors():
         report = run_eval(
             dataset,
-            DataCfg(format=fmt, split=split),
+            DataCfg(
+                format=fmt,
+                split=split,
+                image_root=str(image_root) if image_root else None,
+                image_col=image_col,
+                caption_col=caption_col,
+            ),
             _ref(model, pretrained, checkpoint, set_),
             k=rerank,
             batch_size=batch_size,

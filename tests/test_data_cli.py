@@ -153,6 +153,18 @@ def test_convert_to_jsonl_reads_back_the_same_records(flickr, tmp_path):
     assert strict.exit_code == 1
 
 
+def test_convert_says_when_background_was_not_applied(flickr, tmp_path):
+    # jsonl and csv point at the original files: a --background there changes nothing, and the user is told
+    for to in ("jsonl", "csv"):
+        result = run(
+            "convert", str(flickr), "--to", to, "--out", str(tmp_path / to), "--background", "0,0,0", "-j", "0"
+        )
+        assert result.exit_code == 0 and "--background was not applied to the 4 image(s)" in result.output
+    plain = run("convert", str(flickr), "--to", "jsonl", "--out", str(tmp_path / "plain"), "-j", "0")
+    shards = run("convert", str(flickr), "--to", "wds", "--out", str(tmp_path / "w"), "--background", "0,0,0")
+    assert "--background" not in plain.output and "--background" not in shards.output
+
+
 def test_convert_to_jsonl_never_overwrites_or_leaves_half_a_manifest(flickr, tmp_path):
     out = tmp_path / "manifest"
     assert run("convert", str(flickr), "--to", "jsonl", "--out", str(out), "-j", "0").exit_code == 0

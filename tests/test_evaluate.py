@@ -158,3 +158,18 @@ def test_failures_with_an_image_id_under_two_records(tiny_cfg, tmp_path):
     result = CliRunner().invoke(app, [*args, "--html", str(tmp_path / "eval.html")])
     assert result.exit_code == 0, result.output
     assert "red three" in (tmp_path / "eval.html").read_text()
+
+
+def test_eval_and_index_take_the_table_options(tmp_path):
+    # a table whose columns no default name finds, images relative to another folder: as `data validate` reads it
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (90 * i, 60, 30)).save(pictures / f"{i}.png")
+    (tmp_path / "t.csv").write_text("pic,words,split\n" + "".join(f"{i}.png,picture {i},test\n" for i in range(3)))
+    table = ["--image-root", str(pictures), "--image-col", "pic", "--caption-col", "words"]
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "t.csv"), "--model", "tiny", "--rerank", "0", *table])
+    assert result.exit_code == 0, result.output
+    assert '"images": 3' in result.output and '"captions": 3' in result.output
+    built = CliRunner().invoke(app, ["index", str(tmp_path / "t.csv"), "--out", str(tmp_path / "i"), "-j", "0", *table])
+    assert built.exit_code == 0, built.output

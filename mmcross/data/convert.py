@@ -51,6 +51,7 @@ class ConvertReport:
     per_split: dict[str, int] = field(default_factory=dict)  # images written per split
     rejects: int = 0
     rejects_path: str = ""
+    referenced: int = 0  # jsonl / csv: images written as a path to their file, as they are (no --background)
 
     @property
     def failed(self) -> bool:
@@ -182,6 +183,7 @@ def convert(
                     report.samples += 1
             else:
                 image = record.path
+                report.referenced += image is not None
                 if image is None:  # bytes from a shard: give the image a file of its own
                     image = out / "images" / f"{report.written:09d}_{_safe_name(record.image_id)}.{result[1]}"
                     image.parent.mkdir(exist_ok=True)
