@@ -85,6 +85,13 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def _refuse_folders(**outputs: Path | None) -> None:
+    """Refuse an output file option naming an existing folder, before any work (writing it would fail at the end)."""
+    for option, path in outputs.items():
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"--{option} {path} is a folder; give a file name")
+
+
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the architecture presets: encoder, embedding size, parameter count."""
@@ -127,6 +134,7 @@ def embed(
         typer.echo("error: give at least one --text or --image", err=True)
         raise typer.Exit(2)
     with user_errors():
+        _refuse_folders(out=out)
         matcher = load_matcher(_ref(model, pretrained, None, set_), inference=_inference(precision, runtime))
         vectors = embed_items(
             matcher,
@@ -409,6 +417,7 @@ def search(
         typer.echo("error: give exactly one of --text, --image or --queries", err=True)
         raise typer.Exit(2)
     with user_errors():
+        _refuse_folders(html=html)
         named = any(x is not None for x in (model, pretrained, checkpoint))  # else: the model that built the index
         qs = read_queries(queries) if queries else [Query(text=text, image=str(image) if image else None)]
         # what is not given is the index's (search_index fills it in)
@@ -504,6 +513,7 @@ def score(
     from mmcross.scoring import score_pairs
 
     with user_errors():
+        _refuse_folders(out=out)
         matcher = load_matcher(_ref(model, pretrained, checkpoint, set_), inference=_inference(precision, runtime))
         report = score_pairs(
             pairs,
@@ -651,6 +661,7 @@ def eval_(
     from mmcross.evaluate import run_eval
 
     with user_errors():
+        _refuse_folders(out=out, html=html)
         report = run_eval(
             dataset,
             DataCfg(

@@ -64,6 +64,15 @@ def expand_captions(batch: pa.RecordBatch, caption_col: str, first_row: int, csv
     return out.append_column("input_row", pa.array([first_row + i for i in take], pa.int64()))
 
 
+def _json_cells(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Nested columns (lists, structs: a manifest's `negatives`) as JSON text, which CSV cells can hold."""
+    for i, column in enumerate(batch.schema):
+        if pa.types.is_nested(column.type):
+            cells = [None if v is None else json.dumps(v, ensure_ascii=False) for v in batch.column(i).to_pylist()]
+            batch = batch.set_column(i, column.name, pa.array(cells, pa.string()))
+    return batch
+
+
 class _Writer:
     def __init__(self, path: Path):
         self.path, self.fmt = path, _format(path)
@@ -78,6 +87,8 @@ class _Writer:
             for row in batch.to_pylist():
                 self.handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             return
+        if self.fmt != "parquet":
+            batch = _json_cells(batch)
         if self.writer is None:
             if self.fmt == "parquet":
                 import pyarrow.parquet as pq

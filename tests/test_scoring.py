@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pyarrow.parquet as pq
@@ -70,3 +71,24 @@ def test_invalid_utf8_is_replaced_and_counted_and_the_row_kept(dataset, tmp_path
     assert "1 cell(s) of invalid UTF-8 replaced by U+FFFD" in result.output
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 4 and "caf\ufffd cr\ufffdme" in lines[2]
+
+
+def test_list_columns_are_json_in_csv_output_and_a_folder_out_is_refused_first(tmp_path):
+    from mmcross.data.synth import write_synth
+
+    write_synth(tmp_path / "synth", n_images=4, image_size=32)  # a manifest with `negatives` and `statements` lists
+    manifest = tmp_path / "synth" / "manifest.jsonl"
+    inputs = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for suffix in ("csv", "tsv"):  # pyarrow's CSV writer refused list columns: "Unsupported Type:list<item: string>"
+        out = tmp_path / f"s.{suffix}"
+        _invoke(["score", str(manifest), "-o", str(out), "-m", "tiny", "--allow-untrained-head"])
+        rows = list(csv.DictReader(out.open(), delimiter="," if suffix == "csv" else "\t"))
+        assert [json.loads(r["statements"]) for r in rows if r["input_row"] == "1"][0] == inputs[0]["statements"]
+    (tmp_path / "folder.csv").mkdir()
+    for args in (
+        ["score", str(manifest), "-o", str(tmp_path / "folder.csv")],
+        ["embed", "-t", "x", "-o", str(tmp_path)],
+    ):
+        refused = runner.invoke(app, [*args, "-m", "tiny"])
+        assert refused.exit_code == 2 and "is a folder; give a file name" in refused.output
+    assert not list(tmp_path.glob(".*.tmp"))
