@@ -21,7 +21,7 @@ import torch
 from mmcross.config import DataCfg
 from mmcross.data.images import try_decode
 from mmcross.data.loader import image_loader
-from mmcross.data.records import NothingReadable, Record, Reject
+from mmcross.data.records import NothingReadable, Record, Reject, blank_caption
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.model import Matcher
 from mmcross.progress import Progress
@@ -182,7 +182,7 @@ def encode_texts(
         tokens: keep token states and masks; False keeps `pooled` only (tokens and mask of width 0).
     """
     if not isinstance(captions, torch.Tensor):
-        empty = [i for i, caption in enumerate(captions) if not str(caption).strip()]
+        empty = [i for i, caption in enumerate(captions) if blank_caption(caption)]
         if empty:
             raise ValueError(f"empty caption at position(s) {empty}")
     ids = matcher.tokenize(captions if isinstance(captions, torch.Tensor) else list(captions))  # (N, C)
@@ -229,7 +229,7 @@ def encode_query(
     if (text is None) == (image is None):
         raise ValueError("a query is a caption or an image, not both or neither")
     if text is not None:
-        if not text.strip():
+        if blank_caption(text):
             raise ValueError("empty query caption")
         return matcher.encode_text(text).to("cpu")
     path = Path(image)

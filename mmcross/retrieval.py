@@ -252,9 +252,14 @@ def read_queries(path: str | Path) -> list[Query]:
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         out = []
         for number, line in enumerate(lines, 1):
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{number}: not JSON") from None
             if not isinstance(obj, dict) or not ("text" in obj or "image" in obj):
                 raise ValueError(f"{path}:{number}: expected an object with 'text' or 'image'")
+            if not all(isinstance(obj.get(key), str | None) for key in ("text", "image")):
+                raise ValueError(f"{path}:{number}: 'text' and 'image' must be strings")
             image = obj.get("image")
             if image is not None and not Path(image).is_absolute():
                 image = str(path.parent / image)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from mmcross.data import table
-from mmcross.data.records import ReadStats
+from mmcross.data.records import ReadStats, blank_caption
 from mmcross.encode import encode_images, encode_texts, image_file_records
 from mmcross.model import Matcher
 from mmcross.progress import Progress
@@ -129,7 +129,7 @@ def score_batch(
     itc, itm, score, reason = [None] * n, [None] * n, [None] * n, [None] * n
     rows, paths = [], []
     for i, (image, caption) in enumerate(zip(images, captions)):
-        if caption is None or not str(caption).strip():
+        if caption is None or blank_caption(caption):
             reason[i] = "empty caption"
         elif image is None or not str(image).strip():
             reason[i] = "no image path"

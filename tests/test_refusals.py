@@ -182,6 +182,37 @@ def test_explain_out_must_be_a_png_file(dataset, tmp_path):
     assert not (tmp_path / "heat.txt").exists()
 
 
+def test_explain_layer_outside_the_fusion_is_one_line(dataset, tmp_path):
+    image = str(dataset / "images" / "img000.jpg")
+    for layer in ("5", "-3"):  # tiny has 2 cross layers: 0, 1, -1, -2 are fine
+        _refused(
+            ["explain", image, "x", "-m", "tiny", "-o", str(tmp_path / "h.png"), "--layer", layer], "2 cross layers"
+        )
+    _ok(["explain", image, "a red circle", "-m", "tiny", "-o", str(tmp_path / "h.png"), "--layer", "-2"])
+
+
+def test_captions_the_tokenizer_reads_as_nothing_are_empty_captions(dataset, ckpts, tmp_path):
+    # "&nbsp;" and a BOM tokenize to start + end only: they were scored (higher than a real caption) and explained
+    image = str(dataset / "images" / "img000.jpg")
+    ckpt = ["--checkpoint", str(ckpts["trained"])]
+    for blank in ("&nbsp;", "\ufeff", "\u200b "):
+        _refused(["explain", image, blank, *ckpt, "-o", str(tmp_path / "h.png")], "empty caption")
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(json.dumps({"image": image, "caption": c}) + "\n" for c in ("&nbsp;", "a red circle")))
+    _ok(["score", str(pairs), "-o", str(tmp_path / "s.jsonl"), *ckpt, "--quiet"])
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["itm"] is None) for r in scored] == [("empty caption", True), (None, False)]
+    _ok(["index", str(dataset), "--out", str(tmp_path / "idx"), "-j", "0", *ckpt])
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"text": "&nbsp;"}) + "\n" + json.dumps({"text": "a red circle"}) + "\n")
+    output = _ok(["search", str(tmp_path / "idx"), "--queries", str(queries), "--json", "--k", "2"])
+    assert "reject: query 1 (&nbsp;): empty query caption" in output  # on stderr, before the JSON
+    answered = json.loads(output[output.index("\n[") :])
+    assert "empty query caption" in answered[0]["reject"] and len(answered[1]["hits"]) == 2
+    queries.write_text(json.dumps({"text": "a red circle"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    _refused(["search", str(tmp_path / "idx"), "--queries", str(queries)], "q.jsonl:2", "must be strings")
+
+
 def test_index_out_that_is_a_file_is_refused(dataset, tmp_path):
     existing = tmp_path / "notes.txt"
     existing.write_text("keep me")

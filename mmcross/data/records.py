@@ -8,7 +8,9 @@ are collected in a `ReadStats` rather than raised, so one bad line never stops a
 
 from __future__ import annotations
 
+import html
 import json
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,12 +119,19 @@ def read_lines(path: str | Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
         yield number, decode_text(raw, stats)
 
 
+def blank_caption(text: object) -> bool:
+    """True when no word is left for a tokenizer: whitespace, format characters (a BOM, zero-width spaces) and HTML
+    entities of them (open_clip's tokenizer unescapes HTML, so "&nbsp;" is a space to it and tokenizes to nothing)."""
+    unescaped = html.unescape(html.unescape(str(text)))  # twice, as open_clip's basic_clean
+    return not "".join(ch for ch in unescaped if unicodedata.category(ch) != "Cf").strip()
+
+
 def clean_caption(
     text: object, stats: ReadStats, where: str | Path, *, image_id: str | None = None, line: int | None = None
 ) -> str | None:
     """A caption stripped of surrounding whitespace, or None (and a reject) when nothing is left."""
     caption = "" if text is None else str(text).strip()
-    if not caption:
+    if blank_caption(caption):
         stats.reject(where, "empty caption", image_id=image_id, line=line)
         return None
     return caption

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from mmcross.data.records import blank_caption
+
 SPECIAL = {"<start_of_text>", "<end_of_text>", "[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>"}
 LABEL_H = 18  # pixels under each panel for its word
 HEADER_H = 40  # pixels above the panels for the caption and the scores
@@ -189,8 +191,11 @@ def explain(
 
     if out is not None:
         check_png_path(out)
-    if not caption.strip():
+    if blank_caption(caption):
         raise ValueError("empty caption")
+    crossing = matcher.cfg.fusion.cross_layers
+    if layer is not None and not -crossing <= layer < crossing:
+        raise ValueError(f"--layer {layer}: the model has {crossing} cross layers (0 to {crossing - 1}; -1 the last)")
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"no image {path}")
