@@ -348,6 +348,13 @@ class Fusion(nn.Module):
 
     def __init__(self, cfg: FusionCfg, image_dim: int, text_dim: int):
         super().__init__()
+        sizes = {"dim": cfg.dim, "heads": cfg.heads, "dim_head": cfg.dim_head, "cross_layers": cfg.cross_layers}
+        sizes |= {"mlp_ratio": cfg.mlp_ratio}
+        for name, value in sizes.items():  # a zero builds empty layers that train and score nothing, silently
+            if not value > 0:
+                raise ValueError(f"fusion.{name} must be positive, not {value}")
+        if cfg.self_layers < 0 or not 0 <= cfg.dropout < 1:
+            raise ValueError("fusion.self_layers must be >= 0 and fusion.dropout in [0, 1)")
         self.dim, self.heads, self.dim_head = cfg.dim, cfg.heads, cfg.dim_head
         d = cfg.dim
         self.image_proj = nn.Sequential(nn.Linear(image_dim, d), nn.LayerNorm(d))

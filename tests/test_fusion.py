@@ -204,6 +204,22 @@ def test_unknown_variant_and_kv_of_joint_variant_are_errors():
         fusion.image_kv(torch.zeros(1, P, 16))
 
 
+@pytest.mark.parametrize("field", ["heads", "dim", "dim_head", "cross_layers"])
+def test_a_fusion_of_zero_width_or_depth_is_refused(field):
+    # heads=0 built (0, D) projections that trained and scored nothing, with only a PyTorch warning
+    with pytest.raises(ValueError, match=f"fusion.{field} must be positive"):
+        build_fusion(FusionCfg(**{field: 0}), DV, DT)
+
+
+def test_a_fusion_of_zero_width_in_a_cli_command_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["embed", "-t", "a dog", "-m", "tiny", "--set", "fusion.heads=0"])
+    assert result.exit_code == 2 and "error: fusion.heads must be positive, not 0" in result.output
+
+
 def test_grid_positions_are_sin_cos_of_column_and_row():
     """grid_positions(P=9, D=8): channels 0-3 encode the column, 4-7 the row, as sin/cos of geometric frequencies."""
     from mmcross.fusion import grid_positions
