@@ -14,7 +14,7 @@ from mmcross.config import PRESET_DIR, ModelRef
 from mmcross.factory import create_matcher
 from mmcross.index.build import BuildOptions, build_index
 from mmcross.index.search import exact_search
-from mmcross.index.store import IndexStore
+from mmcross.index.store import IndexStore, atomic_create_json
 from mmcross.retrieval import Query, search_index
 
 
@@ -217,3 +217,10 @@ def test_search_rebuilds_the_model_that_built_the_index(dataset, tmp_path, how):
     again = invoke(["search", str(out), "--text", "a red circle", "--k", "3", *rerank, "--set", "itc_weight=0"]).output
     assert all(h["score"] == pytest.approx(h["itm"]) for h in json.loads(again)["hits"])
     assert "fingerprint" in invoke(["search", str(out), "--text", "x", "--set", "fusion.dim=16"], code=2).output
+
+
+def test_build_record_is_created_by_one_process_only(tmp_path):
+    """Ranks started by hand create build.json exclusively: the second one finds the first one's job, whole."""
+    path = tmp_path / "build.json"
+    assert atomic_create_json(path, {"rank": 1}) and not atomic_create_json(path, {"rank": 0})
+    assert json.loads(path.read_text()) == {"rank": 1} and list(tmp_path.iterdir()) == [path]

@@ -1,5 +1,6 @@
 """What `index` and `search` refuse or report instead of answering wrongly: damaged indexes, unreadable queries,
-indexes read from another folder, and tables that show whole paths."""
+indexes read from another folder, tables that show whole paths, and jobs (resumed, or split across ranks by hand)
+that would mix records or models in one index."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from index_helpers import invoke
 from PIL import Image
 
 from mmcross.factory import create_matcher, save_checkpoint
+from mmcross.index.store import IndexStore
 
 BUILD = ["--model", "tiny", "--shard-size", "5", "-j", "0"]
 
@@ -162,3 +164,61 @@ def test_search_table_shows_whole_paths_relative_to_the_dataset(tmp_path):
     assert "…" not in table and str(tmp_path) not in table
     captions = invoke(["search", tmp_path / "index", "--text", "red", "--target", "captions", "--k", "3"]).stdout
     assert "…" not in captions and "number_000.jpg" in captions
+
+
+def test_resume_with_another_split_or_image_root_is_refused_naming_both(dataset, tmp_path):
+    """A resume reads the records again: with another split (image root, columns, reader) the shards it rebuilds
+    would hold other records than those it keeps."""
+    index = tmp_path / "index"
+    invoke(["index", dataset, "--out", index, *BUILD, "--split", "dev"])
+    (index / "manifest.json").unlink()
+    (index / "shards" / "shard_1.json").unlink()  # killed before shard 1 was done
+    build = (index / "build.json").read_text()
+    images = str(dataset / "images")
+    for other, key, values in (
+        (["--split", "train"], "split", "'dev', not 'train'"),
+        (["--split", "dev", "--image-root", images], "image_root", f"None, not {images!r}"),
+    ):
+        refused = invoke(["index", dataset, "--out", index, *BUILD, *other, "--resume"], code=2).output
+        assert f"--resume with another {key}: the job in {index} has {values}" in refused
+        assert len(refused.splitlines()) == 1
+    assert (index / "build.json").read_text() == build and not (index / "shards" / "shard_1.json").exists()
+    assert "wrote 1 shard(s)" in invoke(["index", dataset, "--out", index, *BUILD, "--split", "dev", "--resume"]).output
+    assert IndexStore(index).metadata["split"].to_pylist() == ["dev"] * 6
+
+
+def _rank(r: int, w: int = 2) -> list[str]:
+    return ["--rank", str(r), "--world-size", str(w)]
+
+
+def test_ranks_by_hand_start_in_any_order_and_refuse_another_job(dataset, clean, tmp_path):
+    """Ranks started by hand cannot ask each other what they run: build.json, written by whichever starts first,
+    tells the others, which refuse any difference (another model, split or number of ranks) instead of merging."""
+    index = tmp_path / "index"
+    first = invoke(["index", dataset, "--out", index, *BUILD, *_rank(1)]).output
+    assert "rank 1/2: wrote 1 shard(s)" in first and not (index / "manifest.json").exists()
+    for other, key in (
+        (["--set", "encoder.seed=1", *_rank(0)], "fingerprint"),
+        (["--split", "dev", *_rank(0)], "split"),
+        (_rank(0, 3), "world_size"),
+    ):
+        refused = invoke(["index", dataset, "--out", index, *BUILD, *other], code=2).output
+        assert f"holds a job with another {key}: " in refused and len(refused.splitlines()) == 1
+    assert "index: 12 images" in invoke(["index", dataset, "--out", index, *BUILD, *_rank(0)]).output
+    _same_hits(_hits(index), _hits(clean))
+
+
+def test_a_shard_of_another_job_is_never_merged_and_resume_rebuilds_it(dataset, clean, tmp_path):
+    """Ranks of two jobs starting at the same instant could both pass the build.json check: each done marker records
+    its job, so the manifest is never written over shards of another model (here one copied in)."""
+    index, other = tmp_path / "index", tmp_path / "other"
+    invoke(["index", dataset, "--out", index, *BUILD, *_rank(0)])
+    invoke(["index", dataset, "--out", other, *BUILD, "--set", "encoder.seed=1", *_rank(1)])
+    for path in other.rglob("*_1.*"):  # shard 1's files and done marker
+        shutil.copy(path, index / path.relative_to(other))
+    refused = invoke(["index", dataset, "--out", index, *BUILD, *_rank(0), "--resume"], code=2).output
+    assert "shard 1 in " in refused and "was built by another job (fingerprint 'sha256:" in refused
+    assert len(refused.splitlines()) == 1 and not (index / "manifest.json").exists()
+    repaired = invoke(["index", dataset, "--out", index, *BUILD, "--resume"]).output
+    assert "wrote 1 shard(s)" in repaired and "shard 1 was built by another job (fingerprint" in repaired
+    _same_hits(_hits(index), _hits(clean))

@@ -4,7 +4,8 @@ Records are cut into shards of `shard_size` records in reader order; shard n alw
 job can be split across ranks (rank r builds shards r, r + W, ...), resumed after a kill (done shards are kept,
 the others are rebuilt), or extended with `append` (records whose image_id the index already holds are skipped,
 the rest go to new shards). The manifest is written when every shard is done, by rank 0 under torch.distributed,
-else by whichever process finishes the last shard.
+else by whichever process finishes the last shard. The first process of a job writes it to build.json, every other
+one refuses to run another job there, and each done marker records its job: an index is never built from two jobs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,23 @@ from mmcross.progress import Progress
 log = logging.getLogger(__name__)
 
 TOKEN_DTYPE = np.float16  # the re-ranking cache is stored in half precision (half the disk; scores move ~1e-3)
+
+# What decides a shard's records and the vectors written for them; every done marker holds it (`shard_job`), so
+# shards of another job are never merged. Not the number of ranks: a job may be resumed by another number.
+SHARD_KEYS = (
+    "dataset",
+    "data",
+    "fingerprint",
+    "embed_images",
+    "embed_captions",
+    "cache_tokens",
+    "shard_size",
+    "inference",
+    "first_shard",
+    "n_shards",
+)
+# What every rank of a job must be given alike: ranks started by hand cannot ask each other, build.json tells them.
+RANK_KEYS = (*SHARD_KEYS, "faiss", "base_shards", "world_size")
 
 
 @dataclass
@@ -95,16 +113,14 @@ def _plan(root: Path, opts: BuildOptions, job: dict) -> tuple[dict, int]:
         upgraded = _relative_to_cwd(old["dataset"], job["dataset"])  # a job begun before paths were stored absolute
         if upgraded:
             old = _absolute_paths(old, job)
-        for key in ("fingerprint", "embed_images", "embed_captions", "cache_tokens", "shard_size", "dataset"):
-            if old[key] != job[key]:
-                hint = (
-                    " (a relative path: resume from the folder the job was started in)"
-                    if key == "dataset" and _is_relative(old[key])
-                    else ""
-                )
-                raise ValueError(
-                    f"--resume with another {key}: the job in {root} has {old[key]!r}, not {job[key]!r}{hint}"
-                )
+        keys = ("fingerprint", "embed_images", "embed_captions", "cache_tokens", "shard_size", "dataset", "data")
+        for key, was, now in _differences(old, job, keys):
+            hint = (
+                " (a relative path: resume from the folder the job was started in)"
+                if key in ("dataset", "image_root") and _is_relative(was)
+                else ""
+            )
+            raise ValueError(f"--resume with another {key}: the job in {root} has {was!r}, not {now!r}{hint}")
         if inference_of(old) != job["inference"]:  # one index, one precision: its vectors are compared with each other
             was, now = describe_inference(inference_of(old)), describe_inference(job["inference"])
             raise ValueError(f"--resume with another precision/runtime: the job in {root} has {was}, not {now}")
@@ -124,11 +140,54 @@ def _plan(root: Path, opts: BuildOptions, job: dict) -> tuple[dict, int]:
             )
         first = max(manifest["shards"], default=-1) + 1
         return {**job, "first_shard": first, "base_shards": manifest["shards"]}, first
-    if opts.rank == 0 and (manifest_path.exists() or build_path.exists()):
+    if manifest_path.exists() or (build_path.exists() and opts.world_size == 1):  # with ranks: `_claim` decides
         raise ValueError(f"{root} already holds an index; use --resume to finish it, --append to add, or another --out")
-    if opts.rank == 0 and root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root} is not empty; give an empty or new folder")
     return {**job, "first_shard": 0, "base_shards": []}, 0
+
+
+def _claim(root: Path, job: dict, opts: BuildOptions) -> None:
+    """Record `job` in build.json, or join the job another rank recorded there first: refused unless it is the same.
+
+    Ranks started by hand (--rank/--world-size) start in any order and cannot ask each other what they run: the first
+    one here creates build.json (exclusively: two cannot both be first), each other one compares its job to it.
+    """
+    path = root / store.BUILD
+    if opts.append:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if old.get("first_shard") != job["first_shard"] or not old.get("n_shards"):
+            store.atomic_write_json(path, job)  # the record of an earlier, finished job: this one replaces it
+    elif not path.exists():
+        # another rank creates build.json before anything else, so more than it (or its temporary file) is not ours
+        others = [p for p in root.iterdir() if not p.name.startswith((store.BUILD, f".{store.BUILD}."))]
+        if others and not path.exists():
+            raise ValueError(f"{root} is not empty; give an empty or new folder")
+        if store.atomic_create_json(path, job):
+            return
+    for key, was, now in _differences(json.loads(path.read_text()), job, RANK_KEYS):
+        raise ValueError(
+            f"{root} holds a job with another {key}: {was!r}, not {now!r} "
+            f"(every --rank must be given the same job; another job needs another --out)"
+        )
+
+
+def shard_job(job: dict) -> dict:
+    """What a done marker records of the job that built its shard: what decides the shard's records and vectors."""
+    return {key: job.get(key) for key in SHARD_KEYS}
+
+
+def _differences(old: dict, new: dict, keys: Sequence[str]) -> list[tuple[str, object, object]]:
+    """(name, old value, new value) of each of `keys` that differs, a field of "data" by its own name (split,
+    image_root, ...). What `old` lacks (written by an older mmcross) is not compared."""
+    out = []
+    for key in keys:
+        if key not in old:
+            continue
+        if key == "data":
+            was, now = old[key] or {}, new[key] or {}
+            out += [(name, was[name], now.get(name)) for name in was if was[name] != now.get(name)]
+        elif old[key] != new[key]:
+            out.append((key, old[key], new[key]))
+    return out
 
 
 def build_index(
@@ -184,7 +243,9 @@ def build_index(
         "faiss": opts.faiss,
         "head": matcher.head_info(),  # whether `search --rerank` has a trained head to re-rank with
         "inference": to_dict(matcher.inference),  # precision and runtime of the encoders (`mmcross.fast`)
+        "world_size": opts.world_size,
     }
+    job = json.loads(json.dumps(job))  # as build.json holds it (tuples as lists), so jobs compare by value
     job, first_shard = _plan(root, opts, job)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -198,13 +259,14 @@ def build_index(
     if opts.resume and job.get("n_shards") != n_shards:
         raise ValueError(f"--resume: the dataset now gives {n_shards} shards, the job in {root} had {job['n_shards']}")
     job["n_shards"] = n_shards
-    if opts.rank == 0 and not opts.resume:
-        store.atomic_write_json(root / store.BUILD, job)
+    if not opts.resume:
+        _claim(root, job, opts)
     all_shards = list(range(first_shard, first_shard + n_shards))
     notes: list[str] = []
-    done = _sound_shards(root, job, notes) if opts.resume else set(store.done_shards(root))
+    stamp = shard_job(job)
+    done = _sound_shards(root, job, notes) if opts.resume else set(_own_shards(root, stamp))
     mine = [n for n in all_shards if n % opts.world_size == opts.rank and n not in done]
-    images_done = _embed_shards(root, matcher, records, first_shard, mine, ds.format, data_cfg, opts)
+    images_done = _embed_shards(root, matcher, records, first_shard, mine, ds.format, data_cfg, opts, stamp)
     seconds = time.perf_counter() - start
 
     complete = _finish(root, job, ds.stats.rejects, opts)
@@ -257,13 +319,28 @@ def _absolute_paths(old: dict, job: dict) -> dict:
     return {**old, "dataset": job["dataset"], "data": data}
 
 
+def _foreign(marker: dict, stamp: dict) -> list[tuple[str, object, object]]:
+    """How the job that built a shard differs from `stamp` (`_differences`); empty for a marker an older mmcross
+    wrote, which records no job."""
+    return _differences(marker.get("job") or {}, stamp, SHARD_KEYS)
+
+
+def _own_shards(root: Path, stamp: dict) -> dict[int, dict]:
+    """The done markers of `root` that this job could have written (a shard of another is not done for it)."""
+    return {n: m for n, m in store.done_shards(root).items() if not _foreign(m, stamp)}
+
+
 def _sound_shards(root: Path, job: dict, notes: list[str]) -> set[int]:
-    """The done shards whose files match their done markers: a damaged shard of this job is rebuilt (noted in
-    `notes`); one of an earlier job (before --append) cannot be, and is refused."""
-    sound = set()
+    """The done shards of this job whose files match their done markers: a damaged shard of this job, or one another
+    job built, is rebuilt (noted in `notes`); a damaged one of an earlier job (before --append) cannot be: refused."""
+    sound, stamp = set(), shard_job(job)
     for n, marker in sorted(store.done_shards(root).items()):
+        other = [] if n in job["base_shards"] else _foreign(marker, stamp)  # earlier jobs' shards are theirs
         problems = store.shard_problems(root, n, marker, job)
-        if not problems:
+        if other:
+            key, was, now = other[0]
+            notes.append(f"shard {n} was built by another job ({key} {was!r}, not {now!r}): rebuilt")
+        elif not problems:
             sound.add(n)
         elif n in job["base_shards"]:
             raise store.DamagedIndex(
@@ -314,8 +391,9 @@ def _embed_shards(
     fmt: str,
     data_cfg: DataCfg,
     opts: BuildOptions,
+    stamp: dict,
 ) -> int:
-    """Embed and write `shards`; returns the number of images embedded."""
+    """Embed and write `shards`, their markers stamped with `stamp` (`shard_job`); returns the images embedded."""
     if not shards:
         return 0
     S = opts.shard_size
@@ -326,7 +404,7 @@ def _embed_shards(
     if not opts.images:
         for n in shards:
             chunk = records[spans[n] : spans[n] + S]
-            shard = store.Shard(n, _records_table(chunk), None)
+            shard = store.Shard(n, _records_table(chunk), None, job=stamp)
             shard.text_metadata, shard.text_emb, shard.text_tokens, shard.text_mask = _embed_texts(matcher, chunk, opts)
             store.write_shard(root, shard)
             bar.advance(len(chunk))
@@ -360,15 +438,17 @@ def _embed_shards(
             p["left"] -= 1
         bar.advance(len(batch.indices) + len(batch.rejects))
         for n in [n for n, p in pending.items() if p["left"] == 0]:
-            _write_image_shard(root, matcher, n, records[spans[n] : spans[n] + S], pending.pop(n), opts)
+            _write_image_shard(root, matcher, n, records[spans[n] : spans[n] + S], pending.pop(n), opts, stamp)
     bar.close()
     return images_done
 
 
-def _write_image_shard(root: Path, matcher: Matcher, n: int, chunk: list[Record], p: dict, opts: BuildOptions) -> None:
+def _write_image_shard(
+    root: Path, matcher: Matcher, n: int, chunk: list[Record], p: dict, opts: BuildOptions, stamp: dict
+) -> None:
     rows = sorted(p["rows"], key=lambda x: x[0])
     e = matcher.image_encoder.embed_dim
-    shard = store.Shard(n, _records_table([r[1] for r in rows]), None)
+    shard = store.Shard(n, _records_table([r[1] for r in rows]), None, job=stamp)
     shard.img_emb = np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, e), np.float32)
     if opts.cache_tokens and rows:
         shard.img_tokens = np.stack([r[3] for r in rows])
@@ -385,6 +465,12 @@ def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> 
         return (root / store.MANIFEST).is_file()
     markers = store.done_shards(root)
     n_records_shards = _expected_shards(root, job, opts)
+    for n in n_records_shards:  # a rank of another job that raced this one to build.json: never merged
+        for key, was, now in _foreign(markers.get(n, {}), shard_job(job))[:1]:
+            raise ValueError(
+                f"shard {n} in {root} was built by another job ({key} {was!r}, not {now!r} as in {store.BUILD}); "
+                f"rebuild it with --resume and the job's options"
+            )
     if not all(n in markers for n in n_records_shards):
         return False
     shards = sorted(set(job["base_shards"]) | set(n_records_shards))

@@ -9,7 +9,7 @@ An index directory::
     img_tokens/img_tokens_{n}.npy          (N_n, P, Dv) float16 encoder patch tokens (the re-ranking cache)
     text_tokens/text_tokens_{n}.npy        (M_n, L_n, Dt) float16 caption token states, zero-padded per shard
     text_tokens/text_mask_{n}.npy          (M_n, L_n) bool, True at real tokens
-    shards/shard_{n}.json                  done marker: counts of shard n (written last, so its files are complete)
+    shards/shard_{n}.json                  done marker: counts of shard n and its job (written last, after its files)
     faiss/{image,text}.index               optional faiss indexes (`--faiss flat|ivf|hnsw`)
     build.json                             the job: options, model, fingerprint, record count (for --resume)
     manifest.json                          written when every shard is done: model, fingerprint, counts, dims
@@ -62,6 +62,28 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
+def atomic_create_json(path: Path, obj: Any) -> bool:
+    """Write `obj` to `path` unless it exists; False when it does. Whole or nothing, and of two processes creating
+    the same path at once exactly one succeeds (a hard link, unlike a rename, never replaces)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: a rename, a race only for processes starting together
+        if path.exists():
+            return False
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
@@ -92,6 +114,7 @@ class Shard:
     text_tokens: np.ndarray | None = None  # (M, L, Dt) float16
     text_mask: np.ndarray | None = None  # (M, L) bool
     rejects: list[dict] = field(default_factory=list)  # reject records of this shard's images
+    job: dict | None = None  # what the job that built it embeds, and how (`mmcross.index.build.shard_job`)
 
 
 def write_shard(root: Path, shard: Shard) -> dict:
@@ -116,6 +139,7 @@ def write_shard(root: Path, shard: Shard) -> dict:
         "images": 0 if shard.img_emb is None else int(shard.img_emb.shape[0]),
         "captions": 0 if shard.text_emb is None else int(shard.text_emb.shape[0]),
         "rejects": shard.rejects,
+        "job": shard.job,
     }
     atomic_write_json(root / "shards" / f"shard_{n}.json", marker)
     return marker
