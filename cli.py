@@ -606,6 +606,8 @@ def train(
         "rejects": result.rejects,
         "seconds": round(result.seconds, 1),
     }
+    if result.resumed_with:  # --set changed these on --resume: the steps from there are neither config's
+        summary["resumed_with"] = result.resumed_with
     if result.rejects:
         summary["rejects_file"] = str(result.run_dir / "rejects.jsonl")
     if result.loss_curve is not None:

@@ -193,14 +193,19 @@ class RunCfg:
         return ModelRef(model=self.model, pretrained=self.pretrained, overrides=dict(self.matcher))
 
 
-def load_run_cfg(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> RunCfg:
-    """Defaults < the YAML run config at `path` < `overrides` (`--set key=value`).
+def load_run_cfg(
+    path: str | Path | None = None, overrides: dict[str, str] | None = None, base: RunCfg | None = None
+) -> RunCfg:
+    """Defaults < the YAML run config at `path` (or `base`, e.g. a run's saved config) < `overrides` (`--set`).
 
-    Override keys naming a `RunCfg` field (`train.lr`, `model`, `pretrained`) set it; any other key (`fusion.dim`,
-    `encoder.model_name`) is a `MatcherCfg` override and joins `matcher`.
+    YAML values are read as the fields' types, as `--set` values are (`lr: 1e-3`, which YAML leaves a string, is a
+    float). Override keys naming a `RunCfg` field (`train.lr`, `model`, `pretrained`) set it; any other key
+    (`fusion.dim`, `encoder.model_name`) is a `MatcherCfg` override and joins `matcher`.
     """
     data: dict[str, Any] = {}
-    if path is not None:
+    if base is not None:
+        data = to_dict(base)
+    elif path is not None:
         import yaml
 
         path = Path(path)
@@ -209,7 +214,11 @@ def load_run_cfg(path: str | Path | None = None, overrides: dict[str, str] | Non
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"run config {path} must be a mapping")
+        if isinstance(data.get("train"), dict) and data["train"].get("autocast") is False:
+            data["train"]["autocast"] = "off"  # YAML 1.1 reads a bare `off` (the documented setting) as False
     matcher = data.pop("matcher", None) or {}
+    if not isinstance(matcher, dict):
+        raise ValueError(f"matcher: a mapping of architecture overrides (fusion.dim: 64), not {matcher!r}")
     cfg = from_dict(RunCfg, data)
     cfg.matcher = flatten_dotted(matcher)
     run_keys, matcher_keys = {}, {}
@@ -239,8 +248,12 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys are an error, missing keys take defaults."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys are an error, missing keys take defaults.
+
+    Values are read as the fields' types (`typed`): an empty section (None) is the defaults, a value that cannot be
+    read is one error naming the field (`prefix` + its name).
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -249,9 +262,42 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}; known: {known}")
     kwargs = {}
     for key, value in data.items():
-        hint = hints[key]
-        kwargs[key] = from_dict(hint, value) if dataclasses.is_dataclass(hint) and isinstance(value, dict) else value
+        hint, name = hints[key], prefix + key
+        if dataclasses.is_dataclass(hint):
+            if value is None:  # `train:` with nothing under it
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}: a mapping of {hint.__name__} fields, not {value!r}")
+            kwargs[key] = from_dict(hint, value, name + ".")
+        else:
+            kwargs[key] = typed(value, hint, name)
     return cls(**kwargs)
+
+
+def typed(value: Any, hint: Any, name: str) -> Any:
+    """`value` as the type `hint` declares: an int where a float is declared is a float, a whole float an int, a
+    string is parsed as `--set` parses it (YAML leaves `1e-3` a string); anything else is one error naming `name`.
+    Values of container or `Any` fields are kept as given."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for option in options:
+        if option in (bool, str) and isinstance(value, option):
+            return value
+        if option is int and number and (isinstance(value, int) or value.is_integer()):
+            return int(value)
+        if option is float and number:
+            return float(value)
+        if option not in (bool, int, float, str, type(None)):
+            return value  # dict, tuple, Any: not checked here
+    if isinstance(value, str):
+        try:
+            return _coerce(value, hint)
+        except ValueError:
+            pass
+    kinds = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"{name}: cannot read {value!r} as {kinds}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

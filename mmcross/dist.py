@@ -40,6 +40,12 @@ def setup_training(device_name: str = "auto") -> tuple[int, int, torch.device]:
     """Join the group of a `torchrun` training job (NCCL on CUDA, gloo on CPU); (rank, world size, device)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
+    if cuda and device_name != "auto":  # torch's own error comes as a traceback at the first tensor moved
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device_name.partition(":")[2] or 0)
+        if index >= count:
+            found = f"{count} CUDA device(s)" if count else "no CUDA device (or a torch build without CUDA)"
+            raise ValueError(f"train.device={device_name}, but this machine has {found}; use train.device=cpu or auto")
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, size = world()

@@ -63,3 +63,27 @@ def test_shipped_run_configs_load_and_pass_the_checks(name):
     cfg = load_run_cfg(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
     check_cfg(cfg.train)  # every field known, every value in range, before anything is built
     resolve_cfg(cfg.model, None, cfg.matcher)  # its model and matcher overrides resolve
+
+
+def test_run_config_yaml_values_are_read_as_the_fields_types(tmp_path):
+    from mmcross.config import load_run_cfg
+
+    path = tmp_path / "run.yaml"
+    # YAML reads 1e-3 as a string, 16.0 as a float, a bare off as False and 'no' as a string
+    path.write_text("train:\n  lr: 1e-3\n  batch_size: 16.0\n  autocast: off\n  augment: 'no'\n  max_minutes: 2\n")
+    cfg = load_run_cfg(path).train
+    assert (cfg.lr, cfg.batch_size, cfg.autocast, cfg.augment, cfg.max_minutes) == (1e-3, 16, "off", False, 2.0)
+    assert isinstance(cfg.batch_size, int) and isinstance(cfg.max_minutes, float)
+    path.write_text("model: tiny\ntrain:\n")  # an empty section: the defaults
+    assert load_run_cfg(path).train.batch_size == 64
+    for text, message in [
+        ("train:\n  batch_size: 16.5\n", r"train.batch_size: cannot read 16.5 as int"),
+        ("train:\n  lr: fast\n", "train.lr: cannot read 'fast' as float"),
+        ("train:\n  augment: maybe\n", "train.augment: cannot read 'maybe' as bool"),
+        ("train:\n  data: [a, b]\n", "train.data: cannot read"),
+        ("train: 5\n", "train: a mapping of TrainCfg fields"),
+        ("matcher: [1]\n", "matcher: a mapping of architecture overrides"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_run_cfg(path)

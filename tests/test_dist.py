@@ -15,6 +15,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", given.append)
     return given
 
@@ -29,4 +30,13 @@ def test_a_single_gpu_run_gets_an_indexed_device(fake_cuda, name, index):
 
 def test_cpu_is_taken_when_asked_even_beside_a_gpu(fake_cuda):
     assert setup_training("cpu") == (0, 1, torch.device("cpu"))
+    assert fake_cuda == []
+
+
+def test_a_cuda_device_that_is_not_there_is_one_clear_error(fake_cuda, monkeypatch):
+    with pytest.raises(ValueError, match=r"train.device=cuda:2, but this machine has 2 CUDA device\(s\)"):
+        setup_training("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.device=cuda, but this machine has no CUDA device"):
+        setup_training("cuda")
     assert fake_cuda == []

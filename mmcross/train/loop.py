@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,9 @@ from mmcross.train.state import (
     STATE_JSON,
     load_state,
     nothing_to_resume,
+    read_run_cfg,
     recover,
+    resume_config,
     save_checkpoint_and_state,
     truncate_log,
 )
@@ -55,6 +60,7 @@ class FitResult:
     stopped_by: str = "max_steps"  # "max_steps": the whole budget ran; "max_minutes": the safety stop fired first
     loss_curve: Path | None = None  # loss.png in the run directory (`train_from_config`, rank 0)
     rejects: int = 0  # training images and caption rows that could not be used (rank 0: in RUN_DIR/rejects.jsonl)
+    resumed_with: dict[str, list] = field(default_factory=dict)  # train fields --set changed on resume: [was, now]
 
 
 class TrainModule(nn.Module):
@@ -120,7 +126,20 @@ MIN_VALUES = {
     "fusion_warmup_steps": 0,
     "neighbour_batches": 0,
 }
-NON_NEGATIVE = ("encoder_lr", "weight_decay", "grad_clip", "max_minutes", "itc_weight", "itm_weight", "vse_weight")
+NON_NEGATIVE = (
+    "encoder_lr",
+    "weight_decay",
+    "grad_clip",
+    "max_minutes",
+    "itc_weight",
+    "itm_weight",
+    "vse_weight",
+    "itm_rank_weight",
+    "vse_margin",
+    "decode_cache_max_gb",
+)
+POSITIVE = ("lr", "fusion_lr", "init_temperature")  # a step size; the temperature divides (its log is learned)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # `train.device`
 
 
 AUTOCAST = ("auto", "bf16", "off")
@@ -212,14 +231,30 @@ def check_cfg(cfg: TrainCfg) -> None:
     for name, low in MIN_VALUES.items():
         if getattr(cfg, name) < low:
             raise ValueError(f"train.{name} must be at least {low}, got {getattr(cfg, name)}")
-    for name in ("lr", "fusion_lr"):
+    for f in dataclasses.fields(cfg):  # inf and NaN reach the first step (a NaN loss, an inf learning rate)
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"train.{f.name} must be a finite number, got {value}")
+    for name in POSITIVE:
         value = getattr(cfg, name)
-        if value is not None and not value > 0:  # also NaN
+        if value is not None and not value > 0:
             raise ValueError(f"train.{name} must be positive, got {value}")
     for name in NON_NEGATIVE:
         value = getattr(cfg, name)
         if value is not None and not value >= 0:
             raise ValueError(f"train.{name} must be 0 or more, got {value}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(
+            f"train.min_lr_ratio is a fraction of the peak learning rate in [0, 1], not {cfg.min_lr_ratio}"
+        )
+    if not (cfg.itc_weight or cfg.vse_weight or (cfg.itm_weight and cfg.itm_start == 0)):
+        # the ITM is the only term, and off before itm_start: those steps would have nothing to backpropagate
+        raise ValueError(
+            f"train.itc_weight ({cfg.itc_weight}), itm_weight ({cfg.itm_weight}) and vse_weight ({cfg.vse_weight}) "
+            f"with itm_start {cfg.itm_start} leave steps without any loss term: give ITC or VSE a weight"
+        )
+    if not DEVICE.fullmatch(cfg.device):
+        raise ValueError(f"train.device is auto, cpu, cuda or cuda:N, not {cfg.device!r}")
 
 
 def dataset_negatives(cfg: TrainCfg) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
@@ -256,15 +291,19 @@ class Run:
     losses: list[dict[str, float]] = field(default_factory=list)
     head_learns: bool = False  # the steps train the match head (ITM loss on, head trainable): counted in head_steps
     phase_start: int = 0  # the step the current phase started at (the towers' `max_steps` in the fusion phase)
+    resumed_with: dict[str, list] = field(default_factory=dict)  # train fields --set changed on resume: [was, now]
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
-    """Open the process group, check and prepare the run directory, build (or reload) the model and optimiser."""
-    from mmcross.factory import LAST_CHECKPOINT, checkpoint_metadata, load_checkpoint, load_matcher
+def start_run(run: RunCfg, run_dir: Path, resume: bool, deliberate: Collection[str] = ()) -> Run:
+    """Open the process group, check and prepare the run directory, build (or reload) the model and optimiser.
+
+    `deliberate`: the train fields given by --set, which a resumed run may change (`state.resume_config`).
+    """
+    from mmcross.factory import BEST_CHECKPOINT, LAST_CHECKPOINT, checkpoint_metadata, load_checkpoint, load_matcher
 
     cfg = run.train
     start_time = time.perf_counter()
@@ -276,11 +315,19 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
         dist.barrier()
     if resume and (problem := nothing_to_resume(run_dir)):
         raise FileNotFoundError(problem)
-    if not resume and rank == 0 and (last_path.exists() or (run_dir / LOG_FILE).exists()):
+    asked: dict[str, list] = {}
+    if resume:  # refuses another run's settings, before anything is written
+        run, asked = resume_config(run_dir, run, deliberate)
+        cfg = run.train
+    elif rank == 0 and not nothing_to_resume(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
+        if not resume:  # a run killed before its first checkpoint starts again: its log and dev best are stale
+            for name in (LOG_FILE, BEST_CHECKPOINT):
+                (run_dir / name).unlink(missing_ok=True)
+        if not resume or read_run_cfg(run_dir) != run:  # on resume: only when a `RESUMABLE` field changed
+            (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
 
     torch.manual_seed(mix_seed(cfg.seed, 0, rank))
     if resume:
@@ -329,6 +376,11 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool) -> Run:
                 f"cannot resume {run_dir}: {LAST_CHECKPOINT} is of step {saved} but {STATE_JSON} of step {state.step}"
             )
         truncate_log(run_dir / LOG_FILE, state.step)
+        state.resumed_with = asked
+        if asked and rank == 0:  # from here the steps are neither run's: the log says where the settings changed
+            log.warning("resumed at step %d with changed settings: %s", state.step, asked)
+            with open(run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.step, "resumed_with": asked}) + "\n")
     return state
 
 
@@ -418,20 +470,25 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    deliberate: Collection[str] = (),
 ) -> FitResult:
     """Train the matcher `run` describes and write the run directory (see `mmcross.train`).
 
     Args:
         run: model, weights, architecture overrides and `TrainCfg`.
         run_dir: output folder; `mmcross eval --checkpoint RUN_DIR` then loads its best (else last) checkpoint.
-        resume: continue from `run_dir`'s last checkpoint (the same config is expected; steps already done are kept).
+        resume: continue from `run_dir`'s last checkpoint (steps already done are kept); `run` may differ from the
+            run's config.json only in `state.RESUMABLE` fields and the train fields named in `deliberate` (anything
+            else is refused before anything is written).
         progress: show progress on stderr (rank 0): a bar on a terminal, a line every ~30 s otherwise.
         on_step: called with each step's log entry (tests use it to stop a run).
+        deliberate: `TrainCfg` fields the user set on purpose (`--set train.X`), which a resumed run may change.
     """
     cfg = run.train
     check_cfg(cfg)
-    negative_of, also_true = dataset_negatives(cfg)
-    r = start_run(run, Path(run_dir), resume)
+    negatives = None if resume else dataset_negatives(cfg)  # resumed: once the settings are found the run's
+    r = start_run(run, Path(run_dir), resume, deliberate)
+    negative_of, also_true = negatives if negatives is not None else dataset_negatives(cfg)
     records, read_rejects = read_records(cfg.data, cfg.format, cfg.split)
     eval_records: list[Record] = []
     if cfg.eval_split and r.is_main:
@@ -501,6 +558,7 @@ def fit(
         bar.close()
     seconds = time.perf_counter() - r.start_time
     result = FitResult(r.run_dir, r.step, seconds, r.best, r.last_eval, r.losses, r.matcher, stopped_by)
+    result.resumed_with = r.resumed_with
     result.rejects = rejects.count if rejects is not None else len(source.rejects if source else [])
     return result
 
@@ -538,20 +596,18 @@ def train_from_config(
     resume: bool = False,
     progress: bool = True,
 ) -> FitResult:
-    """`mmcross train`: defaults < YAML run config < `--set` overrides, then `fit`, then loss.png from its log."""
+    """`mmcross train`: defaults < YAML run config (resumed: the run's config.json) < `--set` overrides, then `fit`,
+    then loss.png from its log."""
     from mmcross.config import load_run_cfg
 
     if resume and (problem := nothing_to_resume(Path(run_dir))):
         raise FileNotFoundError(problem)  # before the config checks, which a run folder without one would fail
-    run = load_run_cfg(config, overrides)
-    if resume:
-        saved = Path(run_dir) / CONFIG_FILE
-        if saved.is_file() and config is None and not overrides:
-            from mmcross.config import from_dict
-
-            data = json.loads(saved.read_text())
-            run = from_dict(RunCfg, {**data, "train": TrainCfg(**data["train"])})
-    result = fit(run, run_dir, resume=resume, progress=progress)
+    saved = read_run_cfg(Path(run_dir)) if resume and config is None else None
+    # resumed without --config, the run's own config is the base that --set changes (`fit` refuses a change to what
+    # defines the run); with one, that config must resolve to the same run
+    run = load_run_cfg(config, overrides, base=saved)
+    deliberate = [key.removeprefix("train.") for key in overrides or {} if key.startswith("train.")]
+    result = fit(run, run_dir, resume=resume, progress=progress, deliberate=deliberate)
     if (result.run_dir / LOG_FILE).is_file() and world()[0] == 0:  # rank 0 wrote the log: its loss curve beside it
         from mmcross.report.plots import loss_curve
 

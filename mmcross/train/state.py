@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmcross.factory import LAST_CHECKPOINT, write_checkpoint_file
+from mmcross.config import MatcherCfg, RunCfg, TrainCfg, flatten_dotted, from_dict, to_dict
+from mmcross.factory import LAST_CHECKPOINT, checkpoint_metadata, resolve_cfg, write_checkpoint_file
 from mmcross.losses import MatchingLoss
 from mmcross.model import Matcher
 
@@ -72,6 +75,73 @@ def nothing_to_resume(run_dir: Path) -> str | None:
         f"nothing to resume in {run_dir}: no checkpoint was written (no {COMMIT[0]} with {STATE_JSON}; the run "
         "failed or was stopped before its first checkpoint); run without --resume to start it again"
     )
+
+
+# The `TrainCfg` fields a resumed run may change: how and where it runs, not what it computes. Batches are a fixed
+# function of the seed (workers and threads only change who computes them); log, checkpoint and dev-evaluation timing
+# and the re-rank depth do not touch the weights (best.safetensors is chosen by the dual rsum, on the same dev images:
+# eval_data, eval_split and eval_max_images stay); max_minutes is a safety stop per invocation; device moves a killed
+# job to other hardware. decode_cache and decode_cache_max_gb stay: they choose between crops of cached arrays and
+# the open_clip transform of streamed files, which are not the same pixels.
+RESUMABLE = ("max_minutes", "workers", "threads", "log_every", "ckpt_every", "eval_every", "eval_rerank_k", "device")
+
+
+def read_run_cfg(run_dir: Path) -> RunCfg | None:
+    """The `RunCfg` a run directory's config.json records, or None without one."""
+    path = run_dir / CONFIG_FILE
+    return from_dict(RunCfg, json.loads(path.read_text())) if path.is_file() else None
+
+
+def resume_config(run_dir: Path, run: RunCfg, deliberate: Collection[str] = ()) -> tuple[RunCfg, dict[str, list]]:
+    """The config a resumed run goes on with: its saved config.json with `run`'s `RESUMABLE` fields, and with the
+    `TrainCfg` fields named in `deliberate` (given by `--set`: a longer schedule, a fusion phase after the towers).
+
+    Returns:
+        The config, and the deliberate changes {field: [the run's value, the new one]}: from here the steps differ
+        from an uninterrupted run of either config, so the caller says so.
+
+    Raises:
+        ValueError: `run` differs from the saved run in anything else (a field that changed without being asked for:
+            another --config, defaults), or its architecture, weights or ranking weight from the checkpoint's (which
+            the weights come from); one line naming each field and both values.
+    """
+    saved = read_run_cfg(run_dir)
+    changed = []
+    if saved is not None:
+        changed = [
+            (k, getattr(saved, k), getattr(run, k))
+            for k in ("model", "pretrained")
+            if getattr(saved, k) != getattr(run, k)
+        ]
+    if not changed:  # (another model: not each field it sets) the architecture as resolved, so `--set fusion.dim=128`
+        # on a run of dim 128 is no change, against the checkpoint's, which the weights come from
+        meta = checkpoint_metadata(run_dir / LAST_CHECKPOINT)
+        had = flatten_dotted(to_dict(from_dict(MatcherCfg, json.loads(meta["config"]))))
+        wants = flatten_dotted(to_dict(resolve_cfg(run.model, run.pretrained, run.matcher)))
+        changed = [
+            (k, had[k], wants.get(k)) for k in had if k not in ("name", "description") and had[k] != wants.get(k)
+        ]
+    asked: dict[str, list] = {}
+    if saved is not None:
+        for f in (field.name for field in dataclasses.fields(TrainCfg)):
+            was, now = getattr(saved.train, f), getattr(run.train, f)
+            if f in RESUMABLE or was == now:
+                continue
+            if f in deliberate:
+                asked[f] = [was, now]
+            else:
+                changed.append((f"train.{f}", was, now))
+    if changed:
+        what = "; ".join(f"{k}: the run has {json.dumps(a)}, not {json.dumps(b)}" for k, a, b in changed)
+        allowed = ", ".join(f"train.{f}" for f in RESUMABLE)
+        raise ValueError(
+            f"cannot resume {run_dir} with other settings ({what}); {allowed} may change, and other train fields "
+            f"only on purpose, each given with --set; the architecture never"
+        )
+    if saved is None:
+        return run, asked
+    kept = {f: getattr(run.train, f) for f in (*RESUMABLE, *asked)}
+    return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **kept)), asked
 
 
 def save_state(
