@@ -222,7 +222,7 @@ def data_validate(
         report = validate(dataset, cfg, model_name=tokenizer_architecture(model), workers=workers, out_dir=out)
     typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else format_report(report))
     if report.failed:
-        typer.echo(f"error: {_nothing_read(report.images, split)}", err=True)
+        typer.echo(f"error: {_nothing_read(report.images, split, report.why_empty)}", err=True)
         raise typer.Exit(1)
     if strict and report.rejects:
         raise typer.Exit(1)
@@ -267,15 +267,15 @@ def data_convert(
         )
     typer.echo(f"{report.rejects:,} reject(s) -> {report.rejects_path}")
     if report.failed:
-        typer.echo(f"error: {_nothing_read(report.records, split)}", err=True)
+        typer.echo(f"error: {_nothing_read(report.records, split, report.why_empty)}", err=True)
         raise typer.Exit(1)
     if strict and report.rejects:
         raise typer.Exit(1)
 
 
-def _nothing_read(records: int, split: str | None) -> str:
+def _nothing_read(records: int, split: str | None, why_empty: str = "") -> str:
     if records == 0:
-        return "the dataset has no records" + (f" in split {split!r}" if split else "")
+        return why_empty or "the dataset has no records" + (f" in split {split!r}" if split else "")
     return "no image could be read (see the rejects)"
 
 

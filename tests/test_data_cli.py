@@ -138,7 +138,19 @@ def test_validate_user_errors_and_nothing_readable(tmp_path):
     result = run("validate", str(tmp_path / "bad"), "--model", "none", "-j", "0")
     assert result.exit_code == 1 and "no image could be read" in result.output
     result = run("convert", str(tmp_path / "bad"), "--to", "jsonl", "--out", str(tmp_path / "o"), "--split", "test")
-    assert result.exit_code == 1 and "no records in split 'test'" in result.output
+    assert result.exit_code == 1 and "has no images with captions" in result.output
+
+
+def test_a_split_the_data_lacks_names_the_splits_it_has_and_leaves_no_output(flickr, tmp_path):
+    table = tmp_path / "nosplit.csv"
+    table.write_text(f"image,caption\n{flickr / 'images' / 'a.jpg'},a caption\n")
+    for args in (["validate", str(table), "--model", "none"], ["convert", str(table), "--to", "jsonl"]):
+        result = run(*args, "--split", "dev", "--out", str(tmp_path / "o"), "-j", "0")
+        assert result.exit_code == 1 and "in split 'dev' (it has unassigned 1); --split all reads" in result.output
+    assert not (tmp_path / "o" / "manifest.jsonl").exists()  # nothing to block the next try
+    assert run("convert", str(table), "--to", "jsonl", "--out", str(tmp_path / "o"), "--split", "all").exit_code == 0
+    assert run("convert", str(table), "--to", "wds", "--split", "test", "--out", str(tmp_path / "w")).exit_code == 1
+    assert not (tmp_path / "w" / "sizes.json").exists()
 
 
 def test_convert_to_jsonl_reads_back_the_same_records(flickr, tmp_path):

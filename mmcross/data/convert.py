@@ -52,6 +52,7 @@ class ConvertReport:
     rejects: int = 0
     rejects_path: str = ""
     referenced: int = 0  # jsonl / csv: images written as a path to their file, as they are (no --background)
+    why_empty: str = ""  # no record at all: the split asked for, the splits the data has, and how to read them all
 
     @property
     def failed(self) -> bool:
@@ -209,7 +210,7 @@ def convert(
                         report.samples += 1
             report.written += 1
             report.per_split[split] = report.per_split.get(split, 0) + 1
-        done = True
+        done = report.written > 0  # a manifest of nothing would only block the next try (--out already holds it)
     finally:
         for writer in shards.values():
             writer.close()
@@ -222,9 +223,10 @@ def convert(
             else:
                 Path(manifest.name).unlink(missing_ok=True)
     report.records = len(records)
+    report.why_empty = "" if records else data.nothing_in_split()
     rejects.write(data.stats.rejects)
     report.rejects = rejects.count
-    if to == "wds":
+    if to == "wds" and report.written:
         (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
     report.files = sorted(p.name for p in out.iterdir() if p.is_file())
     return report

@@ -60,6 +60,7 @@ class ValidationReport:
     transparent: int = 0  # images composited on the background colour
     rejects: list[Reject] = field(default_factory=list)
     seconds: float = 0.0
+    why_empty: str = ""  # no record at all: the split asked for, the splits the data has, and how to read them all
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -211,6 +212,7 @@ def _validate(data: Dataset, cfg: DataCfg, model_name: str | None, workers: int 
         else:
             report.unreadable.append({"image_id": record.image_id, "path": record.where, "reason": result[1]})
     report.images = len(records)
+    report.why_empty = "" if records else data.nothing_in_split()
     report.readable = sum(s.readable for s in report.splits.values())
     report.splits = dict(sorted(report.splits.items(), key=lambda kv: _split_order(kv[0])))
     report.image_formats, report.image_modes = dict(formats.most_common()), dict(modes.most_common())
