@@ -87,3 +87,13 @@ def test_reject_log_and_parallel_map(tmp_path):
         {"path": "t.txt", "reason": "empty caption", "kind": "caption", "line": 2},
     ]
     assert list(imap_ordered(abs, range(-50, 50), workers=2, chunksize=7)) == [abs(i) for i in range(-50, 50)]
+
+
+def test_a_resumed_jobs_reject_log_keeps_what_was_found_before(tmp_path):
+    first, again = Reject("a.jpg", "missing file", image_id="a"), Reject("b.jpg", "truncated image", image_id="b")
+    RejectLog(tmp_path).write([first])
+    resumed = RejectLog(tmp_path, keep=True)  # a resumed run meets only what comes after its checkpoint
+    assert resumed.count == 1
+    resumed.write([first, again, again])  # met again: not repeated
+    assert resumed.count == 2 and [r["path"] for r in read_rejects(resumed.path)] == ["a.jpg", "b.jpg"]
+    assert RejectLog(tmp_path).count == 0 and read_rejects(resumed.path) == []  # a fresh job starts it empty

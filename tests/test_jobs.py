@@ -81,6 +81,17 @@ def test_train_records_its_rejects(shapes, tmp_path, cache):
     assert summary["rejects"] == 3 and summary["step"] == 3
     assert sorted(Path(r["path"]).name for r in rejects) == ["bad2.png", "gone0.png", "gone1.png"]
     assert (tmp_path / "run" / "last.safetensors").is_file()  # the run itself is whole
+    # resumed (here: two more steps, asked for), the rejects found before stay, each once; streamed, the resumed
+    # process meets only the images after its checkpoint, and the file used to be emptied at its start
+    longer = ["--set", "train.max_steps=5", "--set", f"train.decode_cache={cache}", "--resume"]
+    resumed = runner.invoke(app, [*args, *longer])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.output)["rejects"] == 3
+    assert sorted(Path(r["path"]).name for r in read_rejects(tmp_path / "run" / "rejects.jsonl")) == [
+        "bad2.png",
+        "gone0.png",
+        "gone1.png",
+    ]
 
 
 @pytest.mark.parametrize("cache", ["auto", "none"])

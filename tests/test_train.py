@@ -511,6 +511,19 @@ def test_neighbourhoods_that_do_not_fill_the_fusion_batch_are_refused_before_the
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_fusion_batch_larger_than_the_data_is_refused_before_the_towers_steps(shapes, tmp_path):
+    # it was found when the phase began, after every towers' step, and named only "one global batch"
+    steps = []
+    with pytest.raises(ValueError, match=r"fewer than one fusion-phase batch: train.fusion_batch_size \(400\)"):
+        fit(
+            _run(shapes, **{**FUSION_PHASE, "fusion_batch_size": 400}),
+            tmp_path / "big",
+            progress=False,
+            on_step=steps.append,
+        )
+    assert steps == []
+
+
 def test_gpu_finetune_config_runs_its_recipe_through_the_cli_on_the_tiny_model(shapes, tmp_path):
     """configs/flickr30k-finetune.yaml (pretrained ViT-B-32 on a GPU) is not run here; its recipe is: last-n
     blocks trainable, head from the ITC, towers' steps by ITC alone, then the fusion phase on look-alike batches."""
@@ -621,6 +634,11 @@ def test_resume_keeps_the_runs_settings_and_refuses_others(shapes, tmp_path):
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert {"step": 2, "resumed_with": {"max_steps": [2, 4]}} in lines
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 4
+    # the optimiser state holds learning rates and parameter groups: a change there would be recorded and not used
+    for field, value in (("lr", "0.01"), ("trainable", "fusion"), ("encoder_lr", "0.02")):
+        with pytest.raises(ValueError, match=f"train.{field}: the run has .*optimiser state"):
+            train_from_config(None, run_dir, {f"train.{field}": value}, resume=True, progress=False)
+    assert json.loads((run_dir / "config.json").read_text())["train"]["trainable"] == "all"
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_without_resume(shapes, tmp_path):

@@ -151,19 +151,28 @@ def find_first(folder: Path, names: tuple[str, ...]) -> Path | None:
 
 
 class RejectLog:
-    """Appends reject records to `rejects.jsonl` in a job's output folder and counts them."""
+    """Appends reject records to `rejects.jsonl` in a job's output folder and counts them.
 
-    def __init__(self, out_dir: str | Path, name: str = "rejects.jsonl"):
+    With `keep` (a resumed job) the records already there stay and count, and one written again is not repeated:
+    the resumed job meets again only what comes after its checkpoint, so emptying the file would lose the rest.
+    """
+
+    def __init__(self, out_dir: str | Path, name: str = "rejects.jsonl", keep: bool = False):
         self.path = Path(out_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-        self.count = 0
+        kept = self.path.read_text(encoding="utf-8").splitlines() if keep and self.path.is_file() else []
+        self.seen = {line for line in kept if line.strip()}
+        self.path.write_text("".join(line + "\n" for line in kept if line.strip()), encoding="utf-8")
+        self.count = len(self.seen)
 
     def write(self, rejects: Iterable[Reject | tuple[int, Reject]]) -> None:
         with open(self.path, "a", encoding="utf-8") as out:
             for reject in rejects:
-                reject = reject[1] if isinstance(reject, tuple) else reject
-                out.write(reject.to_json() + "\n")
+                line = (reject[1] if isinstance(reject, tuple) else reject).to_json()
+                if line in self.seen:
+                    continue
+                self.seen.add(line)
+                out.write(line + "\n")
                 self.count += 1
 
 

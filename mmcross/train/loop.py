@@ -326,7 +326,7 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool, deliberate: Collection[s
         if not resume:  # a run killed before its first checkpoint starts again: its log and dev best are stale
             for name in (LOG_FILE, BEST_CHECKPOINT):
                 (run_dir / name).unlink(missing_ok=True)
-        if not resume or read_run_cfg(run_dir) != run:  # on resume: only when a `RESUMABLE` field changed
+        if not resume:  # a resumed run's once its checkpoint and optimiser state have loaded (below)
             (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
 
     torch.manual_seed(mix_seed(cfg.seed, 0, rank))
@@ -376,6 +376,8 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool, deliberate: Collection[s
                 f"cannot resume {run_dir}: {LAST_CHECKPOINT} is of step {saved} but {STATE_JSON} of step {state.step}"
             )
         truncate_log(run_dir / LOG_FILE, state.step)
+        if rank == 0 and read_run_cfg(run_dir) != run:  # only when something changed, and only once it loaded
+            (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
         state.resumed_with = asked
         if asked and rank == 0:  # from here the steps are neither run's: the log says where the settings changed
             log.warning("resumed at step %d with changed settings: %s", state.step, asked)
@@ -494,7 +496,12 @@ def fit(
     if cfg.eval_split and r.is_main:
         eval_records = read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split, "train.eval_split")[0]
         eval_records = eval_records[: cfg.eval_max_images]
-    rejects = RejectLog(r.run_dir) if r.is_main else None  # every job records what it could not use
+    rejects = RejectLog(r.run_dir, keep=resume) if r.is_main else None  # every job records what it could not use
+    if cfg.fusion_steps and len(records) < cfg.fusion_batch_size * r.size:  # now, not after all the towers' steps
+        raise ValueError(
+            f"{len(records)} training images are fewer than one fusion-phase batch: train.fusion_batch_size "
+            f"({cfg.fusion_batch_size}) x {r.size} process(es)"
+        )
     _log_rejects(rejects, read_rejects)
     total = cfg.max_steps + cfg.fusion_steps  # the towers' steps, then the fusion phase's (`train.fusion_steps`)
     source, batches = None, None

@@ -84,6 +84,9 @@ def nothing_to_resume(run_dir: Path) -> str | None:
 # job to other hardware. decode_cache and decode_cache_max_gb stay: they choose between crops of cached arrays and
 # the open_clip transform of streamed files, which are not the same pixels.
 RESUMABLE = ("max_minutes", "workers", "threads", "log_every", "ckpt_every", "eval_every", "eval_rerank_k", "device")
+# Not even on purpose: the optimiser state restored from the checkpoint holds the parameter groups, their learning
+# rates and weight decay (the scheduler's base rates too), so a new value would be recorded and silently not used.
+OPTIMISER_FIXED = ("lr", "encoder_lr", "fusion_lr", "weight_decay", "trainable", "last_n_blocks")
 
 
 def read_run_cfg(run_dir: Path) -> RunCfg | None:
@@ -127,7 +130,7 @@ def resume_config(run_dir: Path, run: RunCfg, deliberate: Collection[str] = ()) 
             was, now = getattr(saved.train, f), getattr(run.train, f)
             if f in RESUMABLE or was == now:
                 continue
-            if f in deliberate:
+            if f in deliberate and f not in OPTIMISER_FIXED:
                 asked[f] = [was, now]
             else:
                 changed.append((f"train.{f}", was, now))
@@ -136,7 +139,8 @@ def resume_config(run_dir: Path, run: RunCfg, deliberate: Collection[str] = ()) 
         allowed = ", ".join(f"train.{f}" for f in RESUMABLE)
         raise ValueError(
             f"cannot resume {run_dir} with other settings ({what}); {allowed} may change, and other train fields "
-            f"only on purpose, each given with --set; the architecture never"
+            f"only on purpose, each given with --set; never the architecture, nor {', '.join(OPTIMISER_FIXED)} (the "
+            f"optimiser state restored from the checkpoint holds them)"
         )
     if saved is None:
         return run, asked
