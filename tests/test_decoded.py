@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,75 @@ def test_a_killed_build_leaves_no_cache(tmp_path):
     (first.folder / "meta.json").unlink()  # as if killed after the array, before its meta.json
     rebuilt = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
     assert rebuilt.built and np.array_equal(rebuilt.pixels, first.pixels)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda folder: os.truncate(folder / "pixels.u8", 1000),  # a short pixel file: was an mmap error
+        lambda folder: os.truncate(folder / "pixels.u8", 5 * 16 * 16 * 3 + 1),  # a long one
+        lambda folder: (folder / "meta.json").write_text('{"ident": '),  # was a JSONDecodeError
+        lambda folder: (folder / "meta.json").write_text("[]"),
+    ],
+    ids=["short-pixels", "long-pixels", "cut-meta", "list-meta"],
+)
+def test_a_damaged_cache_is_rebuilt(tmp_path, caplog, damage):
+    records = _records(tmp_path / "img")
+    first = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    expected = np.array(first.pixels)
+    del first.pixels  # unmapped before the file is cut
+    damage(first.folder)
+    rebuilt = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    assert rebuilt.built and rebuilt.folder == first.folder and np.array_equal(rebuilt.pixels, expected)
+    assert f"decoded-image cache {first.folder} cannot be read" in caplog.text
+    assert not DecodedImages.open_or_build(records, 16, tmp_path / "cache").built
+
+
+def test_a_build_removes_the_files_of_killed_builds_and_not_of_live_ones(tmp_path):
+    records = _records(tmp_path / "img")
+    first = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    (first.folder / "meta.json").unlink()  # rebuilt below
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()  # a PID with no process
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = tmp_path / "cache" / "0123456789abcdef0123"  # another key's folder, never built again
+    other.mkdir()
+    try:
+        left = [first.folder / f"pixels.u8.tmp{dead.pid}", first.folder / f"meta.json.tmp{dead.pid}"]
+        left.append(other / f"pixels.u8.tmp{dead.pid}")
+        running = [first.folder / f"pixels.u8.tmp{live.pid}", other / f"meta.json.tmp{live.pid}"]
+        for path in left + running:
+            path.write_bytes(b"\0" * 100)
+        assert DecodedImages.open_or_build(records, 16, tmp_path / "cache").built
+        assert not any(p.exists() for p in left) and all(p.exists() for p in running)
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("ours_taken", [False, True])
+def test_two_builds_of_one_key_both_finish(tmp_path, monkeypatch, ours_taken):
+    """Another process builds the same key while this build waits to rename its meta.json (`ours_taken`: and removes
+    this build's temporary files, as it would a dead build's): both builds end with the cache."""
+    records = _records(tmp_path / "img")
+    replace, pid = Path.replace, os.getpid()
+
+    def paused(self, target):
+        if self.name.startswith("meta.json.tmp") and os.getpid() == pid:  # this build, between write and rename
+            monkeypatch.setattr(os, "getpid", os.getppid)  # another process, as far as the files go
+            other = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+            monkeypatch.setattr(os, "getpid", lambda: pid)
+            assert other.built
+            if ours_taken:
+                for path in self.parent.glob("*.tmp*"):
+                    path.unlink()
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", paused)
+    ours = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
+    assert ours.built and ours.ok.all() and not list(ours.folder.glob("*.tmp*"))
+    monkeypatch.setattr(Path, "replace", replace)
+    assert not DecodedImages.open_or_build(records, 16, tmp_path / "cache").built
 
 
 def test_whole_image_resize_is_an_area_average():

@@ -10,7 +10,9 @@ again every step costs a core. `DecodedImages.open_or_build` decodes each image 
 where `key` is a hash of the dataset, split, size and a fingerprint of the file list (path, byte size and
 modification time of every image; the bytes themselves for images read from shards). A later epoch or a later run
 with the same key maps the file instead of decoding; anything else (another size, an edited file list) gets its own
-folder. The array is written under a temporary name and `meta.json` last, so a killed build is simply rebuilt.
+folder. The array and `meta.json` are written under temporary names of the building process (`.tmp<PID>`) and
+`meta.json` is renamed last, so a killed build is simply rebuilt, and the next build removes the killed one's
+temporary files; a damaged cache (a `meta.json` that does not parse, a pixel file of the wrong size) is rebuilt too.
 
 `augment_batch` then does on tensors what open_clip's training transform does on PIL images: a random resized crop
 (area share in [`min_scale`, 1], aspect ratio in [3/4, 4/3]) to the model's input size, bilinear with area sampling
@@ -44,6 +46,31 @@ def default_cache_dir() -> Path:
     """`$MMCROSS_CACHE/decoded`, else `~/.cache/mmcross/decoded`."""
     root = os.environ.get("MMCROSS_CACHE") or Path.home() / ".cache" / "mmcross"
     return Path(root) / "decoded"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (on another system than POSIX: assumed, so nothing is deleted)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate it on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or no PID at all: leave it)
+    return True
+
+
+def remove_dead_builds(cache_dir: str | Path) -> None:
+    """Delete the temporary files of builds in `cache_dir` whose process is gone (killed mid-build): nothing else
+    ever would, and a build's pixel file is the whole array (~400 MB for Flickr8k). PIDs are this machine's: builds
+    on other machines into one shared folder at the same moment would lose their files."""
+    for pattern in (f"*/{PIXELS}.tmp*", f"*/{META}.tmp*"):
+        for path in Path(cache_dir).glob(pattern):
+            pid = path.name.rpartition(".tmp")[2]
+            if pid.isdigit() and not _alive(int(pid)):  # a live build's file (this one's included) stays
+                log.info("removing %s, left by a killed build", path)
+                path.unlink(missing_ok=True)
 
 
 def file_list_fingerprint(records: Sequence[Record]) -> str:
@@ -116,16 +143,26 @@ class DecodedImages:
         folder = Path(cache_dir) / key
         meta_path = folder / META
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("ident") == ident and (folder / PIXELS).is_file():
-                return cls._open(folder, meta, built=False)
-            log.warning("decoded-image cache %s does not match its key; rebuilding it", folder)
+            try:
+                meta = json.loads(meta_path.read_text())
+                if meta.get("ident") == ident:
+                    return cls._open(folder, meta, built=False)
+                why = "does not match its key"
+            except (OSError, ValueError, LookupError, TypeError, AttributeError) as exc:  # damaged: decode again
+                why = f"cannot be read ({type(exc).__name__}: {exc})"
+            log.warning("decoded-image cache %s %s; rebuilding it", folder, why)
+        remove_dead_builds(cache_dir)
         cls._build(records, size, folder, ident, cfg or DataCfg(), workers, batch_size)
+        remove_dead_builds(cache_dir)  # and those killed while this one ran
         return cls._open(folder, json.loads(meta_path.read_text()), built=True)
 
     @classmethod
     def _open(cls, folder: Path, meta: dict, built: bool) -> DecodedImages:
         shape = tuple(meta["shape"])
+        # before mapping: a short file is a cryptic mmap error, a long one is not the array meta.json describes
+        found, expected = (folder / PIXELS).stat().st_size, math.prod(shape)
+        if found != expected:
+            raise ValueError(f"{PIXELS} holds {found} bytes, {shape} needs {expected}")
         pixels = np.memmap(folder / PIXELS, dtype=np.uint8, mode="r", shape=shape)
         ok = np.zeros(shape[0], dtype=bool)
         ok[meta["ok"]] = True
@@ -155,11 +192,20 @@ class DecodedImages:
             rejects.extend(reject for _, reject in batch.rejects)
         array.flush()
         del array
-        tmp.replace(folder / PIXELS)
         meta = {"ident": ident, "shape": list(shape), "ok": sorted(ok), "rejects": [vars(r) for r in rejects]}
-        tmp_meta = folder / (META + ".tmp")
+        tmp_meta = folder / (META + f".tmp{os.getpid()}")  # per build: a concurrent one's rename cannot take it
         tmp_meta.write_text(json.dumps(meta))
-        tmp_meta.replace(folder / META)
+        try:
+            tmp.replace(folder / PIXELS)
+            tmp_meta.replace(folder / META)
+        except FileNotFoundError:
+            if not (folder / META).is_file():
+                raise
+            # a concurrent build of this key finished first (and took a file of ours for a dead build's): its cache
+            # is the same pixels, and open_or_build checks it
+            log.info("another build completed %s first; using it", folder)
+            tmp.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
 
     def batch(self, index: Sequence[int]) -> torch.Tensor:
         """(B, S, S, 3) uint8 rows `index` (a copy, so the map stays read-only)."""
