@@ -69,6 +69,18 @@ def barrier() -> bool:
     return False
 
 
+def row_counts(rows: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's row count, in rank order ([rows] without a process group): batches differ in size when a
+    rank drops rows (an image that fails to decode while streaming)."""
+    size = world()[1]
+    if size == 1:
+        return [rows]
+    mine = torch.tensor([rows], device=device)
+    counts = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(counts, mine)
+    return [int(c.item()) for c in counts]
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when any rank says True (so all ranks stop together)."""
     if world()[1] == 1:

@@ -1,7 +1,7 @@
 """Training losses: ITC (InfoNCE with a learnable temperature), ITM with hard negatives, VSE++ max-violation.
 
 Shapes: B images of the local batch, each paired with one caption (image i <-> caption i, distinct images);
-G = B * world, the batch gathered from every process; E embedding size.
+G = the sum of every process's B, the batch gathered from all of them (ranks' B can differ); E embedding size.
 
 - ITC (CLIP, ALBEF): cross-entropy both ways over cosine similarities scaled by exp(logit_scale). Under DDP each
   process gathers the embeddings of all processes with gradients, so every negative counts and gradients flow back to
@@ -25,18 +25,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcross.dist import world
+from mmcross.dist import row_counts, world
 from mmcross.features import ImageFeatures, TextFeatures
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) on each process -> (B * world, ...) in rank order; gradients flow back to each rank's rows."""
+def gather_with_grad(x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+    """(B_r, ...) on each process r -> (sum of B_r, ...) in rank order; gradients flow back to each rank's rows.
+
+    `counts`: every rank's B_r (`mmcross.dist.row_counts`), all-gathered here when None. Ranks' batches can differ
+    in size (rows dropped while streaming): each is padded to the largest for the collective and cut back after.
+    """
     _, size = world()
     if size == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    counts = row_counts(x.shape[0], x.device) if counts is None else counts
+    most = max(counts)
+    if x.shape[0] < most:
+        x = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
+    parts = all_gather(x.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)
 
 
 class ContrastiveLoss(nn.Module):
@@ -63,7 +72,9 @@ class ContrastiveLoss(nn.Module):
         """
         rank, _ = world()
         b = image.shape[0]
-        all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # (G, E)
+        counts = row_counts(b, image.device)  # every rank's B, in rank order
+        start = sum(counts[:rank])  # this rank's first row in the gathered batch
+        all_image, all_text = gather_with_grad(image, counts), gather_with_grad(text, counts)  # (G, E)
         scale = self.scale()
         logits_i2t = scale * image @ all_text.T  # (B, G)
         logits_t2i = scale * text @ all_image.T  # (B, G)
@@ -73,11 +84,11 @@ class ContrastiveLoss(nn.Module):
                 torch.zeros_like(logits_i2t, dtype=torch.bool),
                 torch.zeros_like(logits_i2t, dtype=torch.bool),
             )  # (B, G)
-            for_images[:, rank * b : (rank + 1) * b] = known  # image i, caption j
-            for_texts[:, rank * b : (rank + 1) * b] = known.T  # caption j, image i
+            for_images[:, start : start + b] = known  # image i, caption j
+            for_texts[:, start : start + b] = known.T  # caption j, image i
             logits_i2t = logits_i2t.masked_fill(for_images, float("-inf"))
             logits_t2i = logits_t2i.masked_fill(for_texts, float("-inf"))
-        labels = torch.arange(b, device=image.device) + rank * b  # (B,)
+        labels = torch.arange(b, device=image.device) + start  # (B,)
         return (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmcross.losses import ContrastiveLoss, sample_hard_negatives, vse_max_violation
+from mmcross.losses import ContrastiveLoss, gather_with_grad, sample_hard_negatives, vse_max_violation
 
 
 def _unit(b, e, seed):
@@ -159,3 +161,51 @@ def test_itm_ranking_term_matches_a_naive_loop():
     rank += [F.softplus(table[neg_image[j], j] - table[j, j]) for j in range(b)]
     assert float(plain) == pytest.approx(float(sum(bce) / len(bce)), rel=1e-5)
     assert float(ranked) == pytest.approx(float(sum(bce) / len(bce) + 0.5 * sum(rank) / len(rank)), rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _itc_batch(sizes):
+    g = sum(sizes)
+    image, text = _unit(g, 8, 0), _unit(g, 8, 1)
+    known = torch.zeros(g, g, dtype=torch.bool)
+    known[1, 2] = known[g - 1, g - 2] = True  # a known match inside the first and inside the last rank's rows
+    return image, text, known
+
+
+def _itc_worker(rank: int, port: int, sizes: list[int]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    image, text, known = _itc_batch(sizes)
+    start, b = sum(sizes[:rank]), sizes[rank]
+    ref_image = image.clone().requires_grad_()
+    ref = ContrastiveLoss()(ref_image, text, known)  # one process (no group yet), the whole batch
+    ref.backward()
+    dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
+    # this rank's rows; the rows and known matches of other ranks are not seen here (captions are not gathered)
+    local_image = image[start : start + b].clone().requires_grad_()
+    local_text = text[start : start + b].clone().requires_grad_()
+    loss_fn = ContrastiveLoss()
+    loss = loss_fn(local_image, local_text, known[start : start + b, start : start + b])
+    (loss * b / sum(sizes)).backward()  # each rank's mean weighted by its rows: the whole batch's mean
+    total = (loss.detach() * b / sum(sizes)).reshape(1)
+    dist.all_reduce(total)
+    assert torch.allclose(total, ref.detach().reshape(1), atol=1e-6)
+    # gradients reached this rank's rows through the other ranks' losses as well
+    assert torch.allclose(local_image.grad, ref_image.grad[start : start + b], atol=1e-6)
+    gathered = gather_with_grad(local_text.detach())
+    assert torch.equal(gathered, text)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[5, 3], [4, 4]], ids=["unequal", "equal"])
+def test_itc_under_two_gloo_processes_matches_one_process_on_the_whole_batch(sizes):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_itc_worker, args=(_free_port(), sizes), nprocs=2, join=True)

@@ -142,7 +142,7 @@ def _ddp_worker(rank: int, manifest: str, out: str, port: int, extra: dict[str, 
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
     assert torch.allclose(gathered[0], gathered[1])
-    assert result.step == 2 + int(extra.get("train.fusion_steps", 0))
+    assert result.step == int(extra.get("train.max_steps", 2)) + int(extra.get("train.fusion_steps", 0))
     dist.destroy_process_group()
 
 
@@ -160,6 +160,29 @@ def test_ddp_two_processes_gloo(shapes, tmp_path, extra):
     log = _log(tmp_path / "ddp")
     steps = 2 + int(extra.get("train.fusion_steps", 0))
     assert [e["step"] for e in log] == list(range(1, steps + 1)) and all(e["loss"] == e["loss"] for e in log)
+
+
+@pytest.mark.slow
+def test_ddp_streamed_with_rejected_images_trains_and_records_every_reject(shapes, tmp_path):
+    # a rejected image left one rank's batch short: ITC's all-gather failed (gloo "collective mismatch"); and only
+    # rank 0 wrote rejects.jsonl, so images only rank 1 met were never recorded
+    import torch.multiprocessing as mp
+
+    from mmcross.data.records import read_rejects
+
+    rows = [json.loads(line) for line in shapes.read_text().splitlines()]
+    bad = [i for i, row in enumerate(rows) if row.get("split") == "train"][:4]
+    for i, row in enumerate(rows):
+        row["image"] = str(shapes.parent / row["image"])
+        if i in bad:
+            row["image"] = str(tmp_path / f"bad{i}.png")
+            (tmp_path / f"bad{i}.png").write_bytes(b"\x89PNG not really")
+    manifest = tmp_path / "damaged.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = {"train.decode_cache": "none", "train.max_steps": "4"}  # 4 steps of 2 x 4 rows: every train image
+    mp.spawn(_ddp_worker, args=(str(manifest), str(tmp_path / "ddp"), _free_port(), extra), nprocs=2, join=True)
+    recorded = sorted(Path(r["path"]).name for r in read_rejects(tmp_path / "ddp" / "rejects.jsonl"))
+    assert recorded == sorted(f"bad{i}.png" for i in bad)
 
 
 def test_dataset_negatives_enter_the_itm_loss(tmp_path, monkeypatch):

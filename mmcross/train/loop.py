@@ -400,8 +400,10 @@ def train_step(r: Run, batches, plan_per_epoch: int, window: dict[str, float]) -
     itm = r.step >= itm_start_step(cfg)  # (r.step steps are done: this is step r.step + 1)
     for a in range(cfg.accum_steps):
         mb: MicroBatch = next(batches)
-        if mb.n < 2:
-            log.warning("skipping a micro-batch with %d usable images", mb.n)
+        # together under DDP: a rank that skipped alone would leave the others waiting in ITC's gather and DDP's
+        # gradient all-reduce (streamed rejects can empty one rank's slice only)
+        if any_rank(mb.n < 2, r.device):
+            log.warning("skipping a micro-batch with %d usable images (on this rank)", mb.n)
             continue
         used = True
         sync = r.size == 1 or a == cfg.accum_steps - 1
@@ -522,7 +524,7 @@ def fit(
                 except NothingReadable as err:
                     _log_rejects(rejects, err.rejects)
                     raise
-                _log_new_rejects(rejects, source, logged)  # the decode or feature cache's, before any step
+                _log_new_rejects(rejects, source, logged, r.size)  # the decode or feature cache's, first
                 done = (r.step - r.phase_start) * r.cfg.accum_steps
                 batches = source.batches(done, (r.cfg.max_steps - r.step + r.phase_start) * r.cfg.accum_steps)
                 window = {"samples": 0.0, "start": time.perf_counter()}
@@ -532,7 +534,7 @@ def fit(
             except NothingReadable as err:
                 _log_rejects(rejects, err.rejects)
                 raise
-            _log_new_rejects(rejects, source, logged)  # streamed: met while loading this step's images
+            _log_new_rejects(rejects, source, logged, r.size)  # streamed: met loading this step's images
             r.losses.append(entry)
             # a step whose micro-batches were all skipped (too few images loaded) has no loss
             loss = f"loss {entry['loss']:.4f}" if "loss" in entry else "no usable batch"
@@ -583,9 +585,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _log_new_rejects(log_: RejectLog | None, source: BatchSource, logged: set[tuple]) -> None:
-    """Write the source's rejects not written yet (the fusion phase re-reads the images the towers' steps did)."""
-    new = [j for j in source.new_rejects() if (j.path, j.image_id) not in logged]
+def _log_new_rejects(log_: RejectLog | None, source: BatchSource, logged: set[tuple], size: int = 1) -> None:
+    """Write the source's rejects not written yet (the fusion phase re-reads the images the towers' steps did).
+
+    Under DDP every rank calls this at the same points: streamed, each rank meets the bad images of its own slice,
+    and only rank 0 writes the log, so the ranks' new rejects are gathered to it.
+    """
+    new = source.new_rejects()
+    if size > 1:
+        gathered: list[list[Reject]] = [[] for _ in range(size)]
+        dist.all_gather_object(gathered, new)  # Reject records between this job's own processes
+        new = [j for part in gathered for j in part]
+    new = [j for j in new if (j.path, j.image_id) not in logged]
     logged.update((j.path, j.image_id) for j in new)
     _log_rejects(log_, new)
 
