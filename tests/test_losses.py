@@ -201,6 +201,7 @@ def _itc_worker(rank: int, port: int, sizes: list[int]) -> None:
     assert torch.allclose(local_image.grad, ref_image.grad[start : start + b], atol=1e-6)
     gathered = gather_with_grad(local_text.detach())
     assert torch.equal(gathered, text)
+    dist.barrier()  # neither leaves while the other still talks to it (gloo aborts the process then)
     dist.destroy_process_group()
 
 

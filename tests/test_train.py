@@ -143,6 +143,7 @@ def _ddp_worker(rank: int, manifest: str, out: str, port: int, extra: dict[str, 
     dist.all_gather(gathered, flat)
     assert torch.allclose(gathered[0], gathered[1])
     assert result.step == int(extra.get("train.max_steps", 2)) + int(extra.get("train.fusion_steps", 0))
+    dist.barrier()  # neither leaves while the other still talks to it (gloo aborts the process then)
     dist.destroy_process_group()
 
 
