@@ -204,6 +204,9 @@ def _to_safetensors(checkpoint: Path, out: Path) -> Path:
     return out
 
 
+WORK_MARK = ".bench-train"  # marks a --work folder as this benchmark's, so a rerun may replace it
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0, help="wall budget of each trainer")
@@ -212,16 +215,20 @@ def main() -> None:
     parser.add_argument("--work", default="build/bench-train", help="run folders, logs, the peer's CSV")
     args = parser.parse_args()
     minutes = 60.0 if args.full else args.minutes
-    work = (ROOT / args.work).resolve()
-    if work.exists():
-        import shutil
-
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     try:
         import pandas  # noqa: F401 - open_clip_train's CSV loader
     except ImportError:
         sys.exit("bench-train needs pandas for open_clip_train's CSV loader: pip install -e '.[peers]'")
+    work = (ROOT / args.work).resolve()
+    if work.exists():  # an earlier bench-train's folder is replaced; any other folder is the user's: never deleted
+        ours = (work / WORK_MARK).is_file() or work == (ROOT / "build/bench-train").resolve()  # the default: ours
+        if any(work.iterdir()) and not ours:
+            sys.exit(f"--work {work} holds files bench-train did not write; give an empty or new folder")
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / WORK_MARK).write_text("written by benchmarks.bench_train; replaced by its next run\n")
     pairs = _pairs()
     budget_s = minutes * 60
     result: dict = {"budget_minutes": minutes, "train_pairs": len(pairs)}

@@ -9,6 +9,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results.json")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
     args = parser.parse_args()
+    if args.only == []:
+        parser.error("--only needs the names of the benchmarks to run")
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)  # before the hour of work, not after
     results: dict[str, object] = {
         "machine": {
             "python": platform.python_version(),
@@ -43,9 +47,9 @@ def main() -> None:
         start = time.perf_counter()
         results.update(BENCHES[name]())
         print(f"bench {name}: {time.perf_counter() - start:.1f}s")
+    print(json.dumps(results, indent=2))  # first: the figures survive a failing write
     with open(args.out, "w") as out:
         json.dump(results, out, indent=2)
-    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
