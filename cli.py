@@ -75,6 +75,10 @@ def user_errors() -> Iterator[None]:
     except NothingReadable as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as err:
+        # a path the user gave that cannot be written (an unwritable MMCROSS_CACHE, a file where a folder goes)
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         # PretrainedUnavailable is a RuntimeError from mmcross.encoders; look it up only when that module is loaded,
         # so commands that need no model (`data ...`) do not pay for importing open_clip.
@@ -86,10 +90,17 @@ def user_errors() -> Iterator[None]:
 
 
 def _refuse_folders(**outputs: Path | None) -> None:
-    """Refuse an output file option naming an existing folder, before any work (writing it would fail at the end)."""
+    """Refuse an output file option that could not be written, before any work (it would fail at the end, after
+    the work): an existing folder, or a path under a file."""
     for option, path in outputs.items():
-        if path is not None and Path(path).is_dir():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
             raise ValueError(f"--{option} {path} is a folder; give a file name")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"--{option} {path}: {blocking} is a file, not a folder")
 
 
 @app.command()
@@ -568,6 +579,7 @@ def explain(
     from mmcross.report.heatmap import explain as explain_pair
 
     with user_errors():
+        _refuse_folders(out=out)
         check_png_path(out)  # before the model loads
         matcher = load_matcher(_ref(model, pretrained, checkpoint, set_))
         result = explain_pair(matcher, image, caption, out, layer=None if all_layers else layer, panel=panel)
@@ -664,6 +676,8 @@ def eval_(
 
     with user_errors():
         _refuse_folders(out=out, html=html)
+        if out is not None and out.suffix.lower() == ".png":  # the recall plot goes to OUT with .png: it would
+            raise ValueError(f"--out {out} is the JSON report; its recall plot is written beside it as .png")
         report = run_eval(
             dataset,
             DataCfg(

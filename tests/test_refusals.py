@@ -213,6 +213,29 @@ def test_captions_the_tokenizer_reads_as_nothing_are_empty_captions(dataset, ckp
     _refused(["search", str(tmp_path / "idx"), "--queries", str(queries)], "q.jsonl:2", "must be strings")
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(dataset, tmp_path):
+    # each ran the whole job, then lost it: a traceback (FileExistsError), or eval's JSON overwritten by its plot
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    image = str(dataset / "images" / "img000.jpg")
+    ev = ["eval", str(dataset), "--split", "dev", "-m", "tiny", "--rerank", "0"]
+    _refused([*ev, "--out", str(afile / "r.json")], "afile is a file, not a folder")
+    _refused([*ev, "--html", str(afile / "r.html")], "afile is a file, not a folder")
+    _refused([*ev, "--out", str(tmp_path / "r.png")], "is the JSON report")
+    _refused(["explain", image, "x", "-m", "tiny", "-o", str(afile / "h.png")], "afile is a file, not a folder")
+    assert afile.read_text() == "keep me" and not (tmp_path / "r.png").exists()
+
+
+def test_an_unwritable_place_met_during_the_work_is_one_line(dataset, tmp_path, monkeypatch):
+    import mmcross.evaluate
+
+    def blocked(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/somewhere/mmcross-cache")
+
+    monkeypatch.setattr(mmcross.evaluate, "run_eval", blocked)
+    _refused(["eval", str(dataset), "--split", "dev", "-m", "tiny"], "Permission denied", "/somewhere/mmcross-cache")
+
+
 def test_index_out_that_is_a_file_is_refused(dataset, tmp_path):
     existing = tmp_path / "notes.txt"
     existing.write_text("keep me")
