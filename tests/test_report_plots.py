@@ -10,7 +10,7 @@ from train_helpers import make_shapes
 from typer.testing import CliRunner
 
 from cli import app
-from mmcross.report.plots import loss_curve, recall_curve
+from mmcross.report.plots import loss_curve, loss_series, recall_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,6 +43,16 @@ def test_loss_curve_png_from_jsonl(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = loss_curve(tmp_path)
     assert out == tmp_path / "loss.png" and _is_png(out)
+
+
+def test_loss_series_keeps_every_term_and_marks_the_fusion_phase():
+    # the curve took its terms from the last line only: a fusion phase (ITM alone) dropped the towers' ITC
+    rows = [{"step": s, "loss": 3.0 / s, "itc": 3.0 / s} for s in (1, 2)]
+    rows += [{"step": s, "phase": "fusion", "loss": 0.6, "itm": 0.6} for s in (3, 4)]
+    steps, series, fusion = loss_series(rows)
+    assert steps == [1, 2, 3, 4] and list(series) == ["loss", "itc", "itm"] and fusion == 3
+    assert series["itc"][:2] == [3.0, 1.5] and all(v != v for v in series["itc"][2:])  # NaN: a gap, not a zero
+    assert loss_series(rows[:2])[2] is None
 
 
 def test_eval_writes_recall_curve_and_failures_gallery(tmp_path):

@@ -62,6 +62,18 @@ def recall_curve(report: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
+def loss_series(rows: list[dict]) -> tuple[list[int], dict[str, list[float]], int | None]:
+    """The steps, each loss term's values (NaN where a line lacks the term: the fusion phase's have no ITC) and the
+    first fusion-phase step (None without one) of a run log's loss lines; terms in order of first appearance."""
+    names = ("itc", "itm", "vse")
+    terms = dict.fromkeys(
+        k for r in rows for k in r if k == "loss" or k.startswith("loss_") or k.endswith("_loss") or k in names
+    )
+    series = {term: [float(r.get(term, float("nan"))) for r in rows] for term in terms}
+    fusion = next((r["step"] for r in rows if r.get("phase") == "fusion"), None)
+    return [r["step"] for r in rows], series, fusion
+
+
 def loss_curve(log: str | Path, out: str | Path | None = None) -> Path:
     """The total loss and each loss term against the optimiser step, from a run's `log.jsonl`, as a PNG.
 
@@ -78,20 +90,19 @@ def loss_curve(log: str | Path, out: str | Path | None = None) -> Path:
     rows = [r for r in rows if "loss" in r]  # not the eval lines, nor the final {"stopped_by"} line
     if not rows:
         raise ValueError(f"{log} has no loss lines")
-    terms = [
-        k for k in rows[-1] if k == "loss" or k.startswith("loss_") or k.endswith("_loss") or k in ("itc", "itm", "vse")
-    ]
+    steps, series, fusion = loss_series(rows)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    steps = [r["step"] for r in rows]
-    for term in terms:
-        values = [r.get(term) for r in rows]
-        ax.plot(steps, values, linewidth=2 if term == "loss" else 1, label=term)
+    marker = "o" if len(rows) < 3 else None  # one or two logged points draw no visible line
+    for term, values in series.items():
+        ax.plot(steps, values, linewidth=2 if term == "loss" else 1, label=term, marker=marker)
+    if fusion is not None:  # the total before and after sums different terms: mark where the phase begins
+        ax.axvline(fusion, color="grey", linestyle="--", linewidth=1, label="fusion phase")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
     ax.set_title(f"training loss ({log.parent.name})")
-    if terms:
+    if series:
         ax.legend(fontsize=8)
     out = Path(out) if out is not None else log.with_name("loss.png")
     fig.tight_layout()
