@@ -4,6 +4,7 @@ rejects; tensor crops match torchvision's geometry; the epoch plan shows every c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def test_a_killed_build_leaves_no_cache(tmp_path):
     ids=["short-pixels", "long-pixels", "cut-meta", "list-meta"],
 )
 def test_a_damaged_cache_is_rebuilt(tmp_path, caplog, damage):
+    caplog.set_level(logging.WARNING, logger="mmcross.data.decoded")  # a CLI test before may have raised the level
     records = _records(tmp_path / "img")
     first = DecodedImages.open_or_build(records, 16, tmp_path / "cache")
     expected = np.array(first.pixels)
