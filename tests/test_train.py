@@ -14,7 +14,7 @@ import torch
 from mmcross.config import load_run_cfg
 from mmcross.data.records import Record
 from mmcross.factory import create_matcher, load_checkpoint
-from mmcross.train import fit, known_matches, set_trainable
+from mmcross.train import EpochPlan, fit, known_matches, set_trainable
 from tests.train_helpers import make_shapes, short_run
 
 
@@ -167,15 +167,22 @@ def test_ddp_two_processes_gloo(shapes, tmp_path, extra):
 
 
 @pytest.mark.slow
-def test_ddp_streamed_with_rejected_images_trains_and_records_every_reject(shapes, tmp_path):
-    # a rejected image left one rank's batch short: ITC's all-gather failed (gloo "collective mismatch"); and only
-    # rank 0 wrote rejects.jsonl, so images only rank 1 met were never recorded
+@pytest.mark.parametrize("where", ["rank-1-only", "both-ranks"])
+def test_ddp_streamed_with_rejected_images_trains_and_records_every_reject(shapes, tmp_path, where):
+    # a rejected image left one rank's batch short: ITC's all-gather failed (gloo "collective mismatch"), a rank
+    # skipping a micro-batch alone hung the other; and only rank 0 wrote rejects.jsonl, so an image only rank 1 met
+    # was never recorded
     import torch.multiprocessing as mp
 
     from mmcross.data.records import read_rejects
 
     rows = [json.loads(line) for line in shapes.read_text().splitlines()]
-    bad = [i for i, row in enumerate(rows) if row.get("split") == "train"][:4]
+    train = [i for i, row in enumerate(rows) if row.get("split") == "train"]
+    if where == "rank-1-only":  # one image of rank 1's first micro-batch (4 rows a rank), and a single step
+        plan = EpochPlan(len(train), [len(rows[i]["captions"]) for i in train], 4, 2, 0)
+        bad, steps = [train[plan.micro_batch(0, 1)[1][0]]], "1"
+    else:
+        bad, steps = train[:4], "4"  # 4 steps of 2 x 4 rows: every train image, on either rank
     for i, row in enumerate(rows):
         row["image"] = str(shapes.parent / row["image"])
         if i in bad:
@@ -183,7 +190,7 @@ def test_ddp_streamed_with_rejected_images_trains_and_records_every_reject(shape
             (tmp_path / f"bad{i}.png").write_bytes(b"\x89PNG not really")
     manifest = tmp_path / "damaged.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    extra = {"train.decode_cache": "none", "train.max_steps": "4"}  # 4 steps of 2 x 4 rows: every train image
+    extra = {"train.decode_cache": "none", "train.max_steps": steps}
     mp.spawn(_ddp_worker, args=(str(manifest), str(tmp_path / "ddp"), _free_port(), extra), nprocs=2, join=True)
     recorded = sorted(Path(r["path"]).name for r in read_rejects(tmp_path / "ddp" / "rejects.jsonl"))
     assert recorded == sorted(f"bad{i}.png" for i in bad)
