@@ -5,7 +5,8 @@ left out and listed under `fast.<preset>.skipped`):
 
 - `fast.<preset>.<precision>-<runtime>.index_images_per_s`: `build_index` (decode in 2 workers, encode, shards with
   token cache, fingerprint and manifest) on the first n Flickr8k train images, graphs already converted;
-  `convert_s`: the conversion paid by the first run with an empty cache (the steady-state figure leaves it out);
+  `convert_s`: the conversion this configuration paid after the ones before it, in one cache (the steady-state
+  figure leaves it out): int8 and openvino reuse the fp32 ONNX export, which an empty cache pays first;
 - `.captions_per_s`: `encode_texts` of m Flickr8k captions (batches of 256, as `index` sends them);
 - `.image_cos_mean/min`, `.text_cos_mean/min`: cosine of each vector with the torch fp32 one;
 - `.top10_overlap`: the first 100 captions as queries against the images, both sides of this configuration, share of
