@@ -668,11 +668,18 @@ def test_resume_keeps_the_runs_settings_and_refuses_others(shapes, tmp_path):
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert {"step": 2, "resumed_with": {"max_steps": [2, 4]}} in lines
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 4
-    # the optimiser state holds learning rates and parameter groups: a change there would be recorded and not used
-    for field, value in (("lr", "0.01"), ("trainable", "fusion"), ("encoder_lr", "0.02")):
-        with pytest.raises(ValueError, match=f"train.{field}: the run has .*optimiser state"):
+    # what trains decides the optimiser's parameter groups, which the restored state must match: refused
+    for field, value in (("trainable", "fusion"), ("last_n_blocks", "5")):
+        with pytest.raises(ValueError, match=f"train.{field}: the run has .*parameter groups"):
             train_from_config(None, run_dir, {f"train.{field}": value}, resume=True, progress=False)
     assert json.loads((run_dir / "config.json").read_text())["train"]["trainable"] == "all"
+    # a learning rate or weight decay given on purpose is used (the restored groups' values silently won before)
+    sets = {"train.max_steps": "5", "train.lr": "0.01", "train.weight_decay": "0.3"}
+    result = train_from_config(None, run_dir, sets, resume=True, progress=False)
+    assert result.resumed_with == {"max_steps": [4, 5], "lr": [0.001, 0.01], "weight_decay": [0.05, 0.3]}
+    state = json.loads((run_dir / "state.json").read_text())
+    assert {g["initial_lr"] for g in state["param_groups"]} == {0.01}
+    assert {g["weight_decay"] for g in state["param_groups"]} == {0.0, 0.3}  # no decay on biases and norms
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_without_resume(shapes, tmp_path):

@@ -323,10 +323,9 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool, deliberate: Collection[s
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a run killed before its first checkpoint starts again: its log and dev best are stale
-            for name in (LOG_FILE, BEST_CHECKPOINT):
+        if not resume:  # (a resumed run's config.json: once its checkpoint and optimiser state have loaded, below)
+            for name in (LOG_FILE, BEST_CHECKPOINT):  # a run killed before its first checkpoint: stale, it restarts
                 (run_dir / name).unlink(missing_ok=True)
-        if not resume:  # a resumed run's once its checkpoint and optimiser state have loaded (below)
             (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
 
     torch.manual_seed(mix_seed(cfg.seed, 0, rank))
@@ -490,9 +489,10 @@ def fit(
     """
     cfg = run.train
     check_cfg(cfg)
-    negatives = None if resume else dataset_negatives(cfg)  # resumed: once the settings are found the run's
+    # a fresh run's data problems before anything is written; a resumed run's once its settings are found its own
+    negatives = None if resume else dataset_negatives(cfg)
     r = start_run(run, Path(run_dir), resume, deliberate)
-    negative_of, also_true = negatives if negatives is not None else dataset_negatives(cfg)
+    negative_of, also_true = negatives or dataset_negatives(cfg)
     records, read_rejects = read_records(cfg.data, cfg.format, cfg.split)
     eval_records: list[Record] = []
     if cfg.eval_split and r.is_main:

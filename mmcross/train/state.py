@@ -84,9 +84,8 @@ def nothing_to_resume(run_dir: Path) -> str | None:
 # job to other hardware. decode_cache and decode_cache_max_gb stay: they choose between crops of cached arrays and
 # the open_clip transform of streamed files, which are not the same pixels.
 RESUMABLE = ("max_minutes", "workers", "threads", "log_every", "ckpt_every", "eval_every", "eval_rerank_k", "device")
-# Not even on purpose: the optimiser state restored from the checkpoint holds the parameter groups, their learning
-# rates and weight decay (the scheduler's base rates too), so a new value would be recorded and silently not used.
-OPTIMISER_FIXED = ("lr", "encoder_lr", "fusion_lr", "weight_decay", "trainable", "last_n_blocks")
+# Not even on purpose: what trains decides the optimiser's parameter groups, which the restored state must match.
+OPTIMISER_FIXED = ("trainable", "last_n_blocks")
 
 
 def read_run_cfg(run_dir: Path) -> RunCfg | None:
@@ -140,7 +139,7 @@ def resume_config(run_dir: Path, run: RunCfg, deliberate: Collection[str] = ()) 
         raise ValueError(
             f"cannot resume {run_dir} with other settings ({what}); {allowed} may change, and other train fields "
             f"only on purpose, each given with --set; never the architecture, nor {', '.join(OPTIMISER_FIXED)} (the "
-            f"optimiser state restored from the checkpoint holds them)"
+            f"optimiser state restored from the checkpoint has their parameter groups)"
         )
     if saved is None:
         return run, asked
@@ -180,7 +179,12 @@ def save_state(
 
 
 def load_state(run_dir: Path, optimizer, scheduler, loss: MatchingLoss, device) -> dict[str, Any]:
-    """Restore what `save_state` wrote; returns state.json's content."""
+    """Restore what `save_state` wrote; returns state.json's content.
+
+    The moments and step counts come from the file, the learning rates and weight decay from `optimizer` and
+    `scheduler` as the run's config built them: a resumed run given another `train.lr` (`--set`) uses it, where the
+    saved groups' values would silently win. With the same config this changes no number.
+    """
     from safetensors.torch import load_file
 
     doc = json.loads((run_dir / STATE_JSON).read_text())
@@ -192,8 +196,12 @@ def load_state(run_dir: Path, optimizer, scheduler, loss: MatchingLoss, device) 
             state.setdefault(int(pid), {})[name] = value.to(device)
     for pid, entries in doc["optim_plain_state"].items():
         state.setdefault(int(pid), {}).update(entries)
+    configured = [(group["initial_lr"], group["weight_decay"]) for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
     scheduler.load_state_dict({**doc["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    scheduler.base_lrs = [initial for initial, _ in configured]
+    for group, (initial, decay), factor in zip(optimizer.param_groups, configured, scheduler.lr_lambdas):
+        group.update(initial_lr=initial, weight_decay=decay, lr=initial * factor(scheduler.last_epoch))
     with torch.no_grad():
         loss.itc.logit_scale.copy_(tensors["loss.logit_scale"])
     torch.set_rng_state(tensors["rng.cpu"])
