@@ -23,6 +23,7 @@ PRETRAINED_HELP = "Weights: an open_clip tag (e.g. laion2b_s34b_b79k), a local c
 SET_HELP = "Override a config field, e.g. --set fusion.cross_layers=3 (repeatable)."
 # commands that take --checkpoint: no --model means vit-b-32, or the checkpoint's own; a different one is refused
 _MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: vit-b-32, or the checkpoint's own.")
+CHECKPOINT_HELP = "A mmcross checkpoint (.safetensors) or a training run directory (its best, else last checkpoint)."
 _ALLOW_UNTRAINED = typer.Option(
     False, "--allow-untrained-head", help="Use the fusion head's ITM scores even if no training run trained it."
 )
@@ -127,8 +128,9 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 def embed(
     text: list[str] | None = typer.Option(None, "--text", "-t", help="A caption to embed (repeatable)."),
     image: list[Path] | None = typer.Option(None, "--image", "-i", help="An image file to embed (repeatable)."),
-    model: str = typer.Option("vit-b-32", "--model", "-m", help=MODEL_HELP),
+    model: str | None = _MODEL,
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the vectors to this .npy file (N, E)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per forward pass."),
@@ -146,7 +148,7 @@ def embed(
         raise typer.Exit(2)
     with user_errors():
         _refuse_folders(out=out)
-        matcher = load_matcher(_ref(model, pretrained, None, set_), inference=_inference(precision, runtime))
+        matcher = load_matcher(_ref(model, pretrained, checkpoint, set_), inference=_inference(precision, runtime))
         vectors = embed_items(
             matcher,
             images=list(image or []),
@@ -314,8 +316,6 @@ def data_synth(
 
 
 # ---- index, search, score ----------------------------------------------------------------------------------------
-
-CHECKPOINT_HELP = "A mmcross checkpoint (.safetensors) or a training run directory (its best, else last checkpoint)."
 
 
 @app.command()

@@ -68,6 +68,24 @@ def test_embed_set_option_changes_the_model(tmp_path):
     assert first != second
 
 
+def test_embed_checkpoint_gives_its_own_weights(tmp_path):
+    """embed --checkpoint encodes with the checkpoint's towers (not a fresh preset's), and refuses another --model."""
+    from mmcross.factory import create_matcher, save_checkpoint
+
+    trained = create_matcher("tiny", overrides={"encoder.seed": 7})  # stands in for trained weights
+    path = save_checkpoint(trained, tmp_path / "run" / "last.safetensors")
+    result = runner.invoke(app, ["embed", "--checkpoint", str(path.parent), "-t", "a dog"])
+    assert result.exit_code == 0, result.output
+    with torch.inference_mode():
+        expected = trained.text_encoder(trained.text_encoder.tokenize(["a dog"])).pooled[0].numpy()
+    vector = np.array(json.loads(result.output)["embedding"])
+    assert np.allclose(vector, expected / np.linalg.norm(expected), atol=1e-5)
+    fresh = json.loads(runner.invoke(app, ["embed", "--model", "tiny", "-t", "a dog"]).output)["embedding"]
+    assert not np.allclose(vector, fresh, atol=1e-3)
+    other = runner.invoke(app, ["embed", "--checkpoint", str(path), "--model", "vit-b-32", "-t", "a dog"])
+    assert other.exit_code == 2 and "drop --model" in other.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
