@@ -543,15 +543,17 @@ def score(
             "(reason 'untrained head'); pass --checkpoint RUN_DIR, or --allow-untrained-head",
             err=True,
         )
-    pairs_note = f" as {report.written:,} pairs" if report.written != report.rows else ""
+    rows_note = f" from {report.rows:,} input rows" if report.written != report.rows else ""
+    done = f"scored {report.scored:,}" if report.head else f"itc for {report.with_itc:,}"
     typer.echo(
-        f"scored {report.scored:,} of {report.rows:,} rows{pairs_note} -> {out} ({report.bad:,} with a reason; "
+        f"{done} of {report.written:,} pairs{rows_note} -> {out} ({report.bad:,} with a reason; "
         f"image column {report.image_col!r}, caption column {report.caption_col!r})"
     )
     if report.stats.invalid_utf8:
         typer.echo(f"note: {report.stats.invalid_utf8:,} cell(s) of invalid UTF-8 replaced by U+FFFD", err=True)
-    for reject in report.stats.rejects:
-        typer.echo(f"note: skipped {reject.path}:{reject.line}: {reject.reason}", err=True)
+    for reject in report.stats.rejects:  # malformed input rows: written with their input_row and reason only
+        where = reject.path if reject.line is None else f"{reject.path}:{reject.line}"
+        typer.echo(f"note: {where}: {reject.reason} (written with its input_row and reason, no scores)", err=True)
 
 
 @app.command()
@@ -563,8 +565,8 @@ def explain(
     pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
-    layer: int = typer.Option(
-        -1, "--layer", help="Cross layer to show, mean over its heads (-1: the last); --all-layers averages them all."
+    layer: int | None = typer.Option(
+        None, "--layer", help="Cross layer to show, mean over its heads (default and -1: the last)."
     ),
     all_layers: bool = typer.Option(False, "--all-layers", help="Average the maps of every cross layer."),
     panel: int = typer.Option(192, "--panel", min=32, help="Side of each panel in pixels."),
@@ -579,10 +581,13 @@ def explain(
     from mmcross.report.heatmap import explain as explain_pair
 
     with user_errors():
+        if all_layers and layer is not None:
+            raise ValueError("--layer shows one cross layer, --all-layers the mean of all: give one of them")
         _refuse_folders(out=out)
         check_png_path(out)  # before the model loads
         matcher = load_matcher(_ref(model, pretrained, checkpoint, set_))
-        result = explain_pair(matcher, image, caption, out, layer=None if all_layers else layer, panel=panel)
+        layer = None if all_layers else (-1 if layer is None else layer)
+        result = explain_pair(matcher, image, caption, out, layer=layer, panel=panel)
     untrained = "" if result.head_trained else "  (untrained head)"
     typer.echo(f"itc {result.itc:.4f}  itm {result.itm:.4f}  score {result.score:.4f}{untrained}")
     if not result.head_trained:

@@ -137,6 +137,9 @@ class Retriever:
             if target not in self._faiss:
                 self._faiss[target] = backends.load_faiss(self.index.root / faiss_file)
             return backends.faiss_search(self._faiss[target], queries, k, self.nprobe)
+        if self.nprobe is not None:  # accepted and ignored would be a silent no-op
+            why = "--backend exact" if self.backend == "exact" else f"the index has no faiss index for {target}"
+            raise ValueError(f"--nprobe tunes a faiss IVF index; this search is exact ({why})")
         return backends.exact_search(vectors, queries, k)
 
     def search(
@@ -331,6 +334,15 @@ def search_index(
     if rerank and not allow_untrained_head:
         matcher.require_trained_head("--rerank")
     retriever = Retriever(index, matcher, backend=backend, nprobe=nprobe)
+    if rerank:  # before any query is answered: the fusion scores image-caption pairs only
+        wanted = "a caption" if target == "images" else "an image"
+        for number, q in enumerate(queries, 1):
+            if (q.image is not None) == (target == "images"):
+                raise ValueError(
+                    f"query {number} ({f'image {q.image}' if q.image is not None else f'caption {q.text!r}'}) "
+                    f"cannot be re-ranked against --target {target}: "
+                    f"re-ranking scores image-caption pairs, so --target {target} takes {wanted} query"
+                )
     results = []
     for q in queries:
         try:  # one unreadable query image (or empty caption) is reported, not the end of the batch

@@ -11,6 +11,7 @@ uses: delimiter and columns detected, invalid UTF-8 replaced and counted). Memor
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ import pyarrow as pa
 import torch
 
 from mmcross.data import table
-from mmcross.data.records import ReadStats, blank_caption
-from mmcross.encode import encode_images, encode_texts, image_file_records
+from mmcross.data.records import ReadStats, Record, blank_caption
+from mmcross.encode import encode_images, encode_texts
 from mmcross.model import Matcher
 from mmcross.progress import Progress
 
@@ -38,6 +39,7 @@ class ScoreReport:
     caption_col: str = ""
     stats: ReadStats = field(default_factory=ReadStats)  # invalid UTF-8 replaced, malformed JSONL lines skipped
     head: bool = True  # itm and score written; False: the head is untrained, rows hold itc and "untrained head"
+    with_itc: int = 0  # output rows with an itc (all scored rows, and with an untrained head the rows itc alone)
 
 
 UNTRAINED_HEAD = "untrained head"  # the reason of rows whose itm and score are left empty (`score_batch`)
@@ -50,9 +52,9 @@ def _format(path: Path) -> str:
     return fmt
 
 
-def expand_captions(batch: pa.RecordBatch, caption_col: str, first_row: int, csv_cells: bool) -> pa.RecordBatch:
+def expand_captions(batch: pa.RecordBatch, caption_col: str, numbers: list[int], csv_cells: bool) -> pa.RecordBatch:
     """One row per caption of `batch` (a list cell gives several, an empty list one with no caption), with
-    `input_row` = `first_row` + the row's position in `batch` appended."""
+    `input_row` (each row's number in the input, `numbers`) appended. `csv_cells`: a cell's JSON list text is a list."""
     take, captions = [], []
     for i, cell in enumerate(batch.column(caption_col).to_pylist()):
         texts = table.caption_list(cell, csv_cells) if cell is not None else [None]
@@ -61,15 +63,30 @@ def expand_captions(batch: pa.RecordBatch, caption_col: str, first_row: int, csv
             captions.append(None if text is None else str(text))
     out = batch.take(pa.array(take, pa.int64()))
     out = out.set_column(out.schema.get_field_index(caption_col), caption_col, pa.array(captions, pa.string()))
-    return out.append_column("input_row", pa.array([first_row + i for i in take], pa.int64()))
+    return out.append_column("input_row", pa.array([numbers[i] for i in take], pa.int64()))
 
 
-def _json_cells(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Nested columns (lists, structs: a manifest's `negatives`) as JSON text, which CSV cells can hold."""
+def _json_default(value: object) -> object:
+    """JSON for what `json` cannot write: bytes (an image cell of a Parquet table) as base64 text."""
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def _text_cells(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Columns a CSV cell cannot hold as they are: nested ones (lists, structs: a manifest's `negatives`, an image
+    `{"bytes", "path"}`) as JSON text, binary ones (encoded images) as base64 text."""
     for i, column in enumerate(batch.schema):
         if pa.types.is_nested(column.type):
-            cells = [None if v is None else json.dumps(v, ensure_ascii=False) for v in batch.column(i).to_pylist()]
-            batch = batch.set_column(i, column.name, pa.array(cells, pa.string()))
+            cells = [
+                None if v is None else json.dumps(v, ensure_ascii=False, default=_json_default)
+                for v in batch.column(i).to_pylist()
+            ]
+        elif pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            cells = [None if v is None else _json_default(v) for v in batch.column(i).to_pylist()]
+        else:
+            continue
+        batch = batch.set_column(i, column.name, pa.array(cells, pa.string()))
     return batch
 
 
@@ -85,10 +102,10 @@ class _Writer:
             if self.handle is None:
                 self.handle = open(self.tmp, "w", encoding="utf-8")
             for row in batch.to_pylist():
-                self.handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                self.handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
             return
         if self.fmt != "parquet":
-            batch = _json_cells(batch)
+            batch = _text_cells(batch)
         if self.writer is None:
             if self.fmt == "parquet":
                 import pyarrow.parquet as pq
@@ -120,23 +137,26 @@ class _Writer:
 def score_batch(
     matcher: Matcher, images: list, captions: list, image_root: Path, head: bool = True
 ) -> tuple[list, list, list, list]:
-    """(itc, itm, score, reason) lists for aligned image paths and captions; bad rows get None scores.
+    """(itc, itm, score, reason) lists for aligned image cells (paths, encoded bytes or `{"bytes", "path"}`, as
+    `mmcross.data.table.image_source` reads them) and captions; bad rows get None scores.
 
     With `head` False only itc is computed (the fusion is not run): itm and score stay None with the reason
     "untrained head" (pretrained encoders alone give a meaningful itc, CLIPScore-style; a random head does not).
     """
     n = len(images)
     itc, itm, score, reason = [None] * n, [None] * n, [None] * n, [None] * n
-    rows, paths = [], []
+    rows, records = [], []
     for i, (image, caption) in enumerate(zip(images, captions)):
+        source = table.image_source(image, image_root, f"row {i + 1}")
         if caption is None or blank_caption(caption):
             reason[i] = "empty caption"
-        elif image is None or not str(image).strip():
+        elif source is None:
             reason[i] = "no image path"
         else:
             rows.append(i)
-            paths.append(str(image))
-    for batch in encode_images(matcher, image_file_records(paths, image_root), batch_size=max(len(paths), 1)):
+            image_id, path, data = source
+            records.append(Record(image_id, [], path=path, data=data))
+    for batch in encode_images(matcher, records, batch_size=max(len(records), 1)):
         for pos, reject in batch.rejects:
             reason[rows[pos]] = f"image: {reject.reason}"
         if batch.features is None:
@@ -192,17 +212,21 @@ def score_pairs(
     writer = _Writer(out)
     try:
         with Progress(table.count_rows(pairs), "scoring", "rows", enabled=progress) as bar:
-            for batch in table.read_batches(pairs, report.stats, batch_size=batch_size):
+            for batch, numbers, malformed in table.numbered_batches(pairs, report.stats, batch_size):
                 _check_columns(batch.schema.names, image_col, caption_col, pairs)
-                expanded = expand_captions(batch, caption_col, report.rows + 1, csv_cells)
-                for start in range(0, expanded.num_rows, batch_size):
-                    part = expanded.slice(start, batch_size)
-                    scored = _scored(matcher, part, image_col, caption_col, root, report.head)
-                    writer.write(scored)
-                    report.bad += scored.num_rows - scored.column("reason").null_count
-                report.rows += batch.num_rows
-                report.written += expanded.num_rows
-                bar.advance(batch.num_rows)
+                text_cells = csv_cells or batch.schema.field(caption_col).metadata == table.JSON_TEXT
+                expanded = expand_captions(batch, caption_col, numbers, text_cells)
+                parts = [
+                    _scored(matcher, expanded.slice(start, batch_size), image_col, caption_col, root, report.head)
+                    for start in range(0, expanded.num_rows, batch_size)
+                ]
+                for part in _in_input_order(parts, malformed, expanded):
+                    writer.write(part)
+                    report.bad += part.num_rows - part.column("reason").null_count
+                    report.written += part.num_rows
+                    report.with_itc += part.num_rows - part.column("itc").null_count
+                report.rows += batch.num_rows + len(malformed)
+                bar.advance(batch.num_rows + len(malformed))
     except BaseException:
         writer.close(keep=False)
         raise
@@ -211,6 +235,26 @@ def score_pairs(
         raise ValueError(f"{pairs} has no rows")
     report.scored = report.written - report.bad
     return report
+
+
+def _in_input_order(
+    parts: list[pa.RecordBatch], malformed: list[table.Malformed], expanded: pa.RecordBatch
+) -> list[pa.RecordBatch]:
+    """The scored parts with a row for each malformed input row (its `input_row` and reason, no other cells) put
+    where it stood in the input."""
+    if not malformed:
+        return parts
+    schema = parts[0].schema if parts else _scored_schema(expanded.schema)
+    rows = pa.RecordBatch.from_pylist([{"input_row": m.number, "reason": m.reason} for m in malformed], schema=schema)
+    merged = pa.Table.from_batches([*parts, rows], schema=schema).sort_by("input_row")  # a stable sort
+    return merged.combine_chunks().to_batches() or [rows.slice(0, 0)]
+
+
+def _scored_schema(schema: pa.Schema) -> pa.Schema:
+    """The output schema of a batch whose rows `expand_captions` made (`input_row` already appended)."""
+    for name, kind in zip(ADDED[1:], (pa.float64(), pa.float64(), pa.float64(), pa.string())):
+        schema = schema.append(pa.field(name, kind))
+    return schema
 
 
 def _check_columns(names: list[str], image_col: str, caption_col: str, pairs: Path) -> None:
@@ -231,4 +275,4 @@ def _scored(
     )
     arrays = [*batch.columns, pa.array(itc, pa.float64()), pa.array(itm, pa.float64())]
     arrays += [pa.array(score, pa.float64()), pa.array(reason, pa.string())]
-    return pa.RecordBatch.from_arrays(arrays, names=[*batch.schema.names, *ADDED[1:]])
+    return pa.RecordBatch.from_arrays(arrays, schema=_scored_schema(batch.schema))

@@ -166,6 +166,19 @@ def test_table_invalid_utf8_and_bytes_images(tmp_path):
     assert not data.stats.rejects
 
 
+def test_a_malformed_csv_row_is_a_reject_and_the_rest_is_read(tmp_path):
+    """An unquoted comma in a caption gives a row of three fields: a reject naming it, not the end of the job."""
+    write(tmp_path / "pairs.csv", "image,caption\na.jpg,one\nb.jpg,a dog, running\nc.jpg,three\n")
+    data, records = _read(tmp_path / "pairs.csv")
+    assert [(r.image_id, r.captions) for r in records] == [("a.jpg", ["one"]), ("c.jpg", ["three"])]
+    assert [r.reason for r in data.stats.rejects] == [
+        "malformed row (3 fields, the header has 2): b.jpg,a dog, running"
+    ]
+    write(tmp_path / "twice.csv", "image,caption,caption\na.jpg,one,two\n")
+    with pytest.raises(ValueError, match="names column\\(s\\) 'caption' more than once"):
+        _read(tmp_path / "twice.csv")
+
+
 def test_jsonl_columns_from_every_row_not_only_the_first(tmp_path):
     rows = ["", json.dumps({"image": "a.jpg", "caption": "no split given"})]  # a blank first line, then no split
     rows += [json.dumps({"image": "b.jpg", "caption": "test one", "split": "test"})]

@@ -95,6 +95,32 @@ def test_search_rerank_refuses_an_untrained_head_and_works_with_a_trained_one(da
     assert hits and all(h["itm"] is not None for h in hits)
 
 
+def test_search_refuses_what_it_would_ignore_or_drop_before_answering(dataset, ckpts, tmp_path):
+    """--nprobe on an exact search, and a --queries file with a query --rerank cannot score against --target (it
+    answered the queries before it, then failed and dropped them, the gallery unwritten)."""
+    index = tmp_path / "idx"
+    _ok(["index", str(dataset), "--out", str(index), "--checkpoint", str(ckpts["trained"]), "-j", "0", "--quiet"])
+    query = ["search", str(index), "--text", "a red circle", "--k", "2"]
+    _refused([*query, "--nprobe", "5"], "--nprobe tunes a faiss IVF index", "the index has no faiss index for images")
+    _refused([*query, "--nprobe", "5", "--backend", "exact"], "this search is exact (--backend exact)")
+    image = str(dataset / "images" / "img001.jpg")
+    queries = tmp_path / "mixed.jsonl"
+    queries.write_text(json.dumps({"text": "a red circle"}) + "\n" + json.dumps({"image": image}) + "\n")
+    html = tmp_path / "hits.html"
+    base = ["search", str(index), "--queries", str(queries), "--json", "--html", str(html)]
+    _refused([*base, "--rerank", "4"], f"query 2 (image {image}) cannot be re-ranked against --target images")
+    assert not html.exists()
+    answered = json.loads(_ok(base))  # without --rerank both kinds search images
+    assert len(answered) == 2 and all(a["hits"] for a in answered)
+
+
+def test_explain_refuses_layer_beside_all_layers(dataset, tmp_path):
+    image = str(dataset / "images" / "img000.jpg")
+    args = ["explain", image, "a red circle", "--model", "tiny", "-o", str(tmp_path / "h.png"), "--all-layers"]
+    _refused([*args, "--layer", "0"], "give one of them")
+    _ok(args)
+
+
 def test_eval_skips_or_refuses_rerank_with_an_untrained_head(shapes, ckpts, tmp_path):
     base = ["eval", str(shapes), "--split", "dev", "--model", "tiny"]
     _refused([*base, "--rerank", "4"], "--rerank needs a trained match head")

@@ -39,7 +39,7 @@ def test_list_of_captions_becomes_a_row_per_caption(dataset, tmp_path):
     assert [(r["input_row"], r["captions"]) for r in rows] == expected  # one row per caption, none a list's text
     assert all(r["itc"] is not None and r["reason"] is None for r in rows)
     assert [r["image_id"] for r in rows] == [inputs[n - 1]["image_id"] for n, _ in expected]
-    assert f"of {len(inputs)} rows as {len(expected)} pairs" in result.output
+    assert f"of {len(expected)} pairs from {len(inputs)} input rows" in result.output
     # the columns are detected too: `captions` is a recognised caption column name
     _invoke(["score", str(manifest), "-o", str(tmp_path / "auto.jsonl"), "-m", "tiny", "--allow-untrained-head"])
     assert (tmp_path / "auto.jsonl").read_text() == out.read_text()
@@ -67,7 +67,7 @@ def test_invalid_utf8_is_replaced_and_counted_and_the_row_kept(dataset, tmp_path
         app, ["score", str(pairs), "-o", str(out), "-m", "tiny", "--image-root", str(dataset), "--allow-untrained-head"]
     )
     assert result.exit_code == 0, result.output
-    assert "scored 3 of 3 rows" in result.output
+    assert "scored 3 of 3 pairs ->" in result.output
     assert "1 cell(s) of invalid UTF-8 replaced by U+FFFD" in result.output
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 4 and "caf\ufffd cr\ufffdme" in lines[2]
@@ -92,3 +92,112 @@ def test_list_columns_are_json_in_csv_output_and_a_folder_out_is_refused_first(t
         refused = runner.invoke(app, [*args, "-m", "tiny"])
         assert refused.exit_code == 2 and "is a folder; give a file name" in refused.output
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _red_png(path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 20, 20)).save(path)
+    return path
+
+
+def test_jsonl_rows_keep_every_key_and_number_whatever_the_batch(tmp_path):
+    """Keys only some lines have, ints beside floats, strings beside lists, malformed lines: one schema for the whole
+    file, every row in order with its line as input_row, the same output at any --batch-size."""
+    _red_png(tmp_path / "a.png")
+    lines = [
+        '{"image": "a.png", "caption": "a red square"}',
+        '{"image": "a.png", "caption": "two", "note": "hello", "weight": 1}',
+        "{broken",
+        "",
+        "[1, 2]",
+        '{"image": " a.png ", "note": "x", "caption": ["three", "four"], "weight": 2.5}',
+        '{"image": "a.png", "weight": 3}',
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    outputs = {}
+    for out_name, batch in (("b1.csv", "1"), ("b2.csv", "2"), ("b64.csv", "64"), ("b2.parquet", "2")):
+        result = runner.invoke(
+            app, ["score", str(pairs), "-o", str(tmp_path / out_name), "-m", "tiny", "--batch-size", batch]
+        )
+        assert result.exit_code == 0, result.output
+        outputs[out_name] = tmp_path / out_name
+    assert (
+        "pairs.jsonl:3: malformed JSON line" in result.output
+        and "pairs.jsonl:5: JSON line is not an object" in result.output
+    )
+    runs = {
+        name: list(csv.DictReader(path.read_text().splitlines())) for name, path in outputs.items() if ".csv" in name
+    }
+    for other in (runs["b1.csv"], runs["b64.csv"]):  # the same rows; itc to float precision (batched differently)
+        assert [{k: v for k, v in r.items() if k != "itc"} for r in other] == [
+            {k: v for k, v in r.items() if k != "itc"} for r in runs["b2.csv"]
+        ]
+        assert [float(r["itc"] or 0) for r in other] == pytest.approx(
+            [float(r["itc"] or 0) for r in runs["b2.csv"]], abs=1e-5
+        )
+    rows = runs["b2.csv"]
+    assert list(rows[0]) == ["image", "caption", "note", "weight", "input_row", "itc", "itm", "score", "reason"]
+    assert [r["input_row"] for r in rows] == ["1", "2", "3", "5", "6", "6", "7"]
+    assert rows[1]["note"] == "hello" and rows[1]["weight"] == "1"  # not lost, one type for the column
+    assert rows[2]["reason"].startswith("malformed JSON line") and rows[2]["image"] == ""
+    assert [r["caption"] for r in rows[4:6]] == ["three", "four"] and all(r["itc"] for r in rows[4:6])  # path stripped
+    assert rows[6]["reason"] == "empty caption"
+    table = pq.read_table(outputs["b2.parquet"])
+    assert table.column("weight").type == "double" and table.column("input_row").to_pylist() == [1, 2, 3, 5, 6, 6, 7]
+
+
+def test_a_malformed_csv_row_is_a_row_with_its_reason_not_the_end_of_the_job(tmp_path):
+    _red_png(tmp_path / "a.png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text('image,caption\na.png,one\na.png,a dog, running\na.png,"multi\nline"\n\na.png,four\na.png,x,y,z\n')
+    out = tmp_path / "s.csv"
+    result = runner.invoke(app, ["score", str(pairs), "-o", str(out), "-m", "tiny", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["input_row"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert [r["caption"] for r in rows] == ["one", "", "multi\nline", "four", ""]
+    assert rows[1]["reason"] == "malformed row (3 fields, the header has 2)" and rows[1]["itc"] == ""
+    assert rows[4]["reason"] == "malformed row (4 fields, the header has 2)"
+    assert all(rows[i]["itc"] for i in (0, 2, 3))
+    assert "malformed row (3 fields, the header has 2): a.png,a dog, running" in result.output
+
+
+def test_parquet_image_bytes_and_structs_are_scored_and_written_as_text_to_csv(tmp_path):
+    import base64
+
+    import pyarrow as pa
+
+    png = _red_png(tmp_path / "a.png").read_bytes()
+    table = pa.table(
+        {
+            "image": [{"bytes": png, "path": "x.png"}, {"bytes": None, "path": "a.png"}],
+            "raw": [png, png],
+            "caption": ["red", "green"],
+        }
+    )
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(table, pairs)
+    for name in ("s.csv", "s.jsonl", "s.parquet"):
+        result = runner.invoke(app, ["score", str(pairs), "-o", str(tmp_path / name), "-m", "tiny"])
+        assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "s.csv").read_text().splitlines()))
+    assert all(r["itc"] and r["reason"] == "untrained head" for r in rows)
+    assert base64.b64decode(rows[0]["raw"]) == png and json.loads(rows[1]["image"]) == {"bytes": None, "path": "a.png"}
+    jsonl = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert base64.b64decode(jsonl[0]["image"]["bytes"]) == png
+    assert pq.read_table(tmp_path / "s.parquet").column("raw").to_pylist() == [png, png]
+    # a bytes cell scores as its image: the same itc as the file it was read from
+    by_path = tmp_path / "p.csv"
+    by_path.write_text("image,caption\na.png,red\n")
+    _invoke(["score", str(by_path), "-o", str(tmp_path / "p.jsonl"), "-m", "tiny"])
+    assert json.loads((tmp_path / "p.jsonl").read_text())["itc"] == pytest.approx(jsonl[0]["itc"], abs=1e-6)
+
+
+def test_a_column_named_twice_is_one_clear_error(tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,caption,caption\na.png,one,two\n")
+    result = runner.invoke(app, ["score", str(pairs), "-o", str(tmp_path / "s.csv"), "-m", "tiny"])
+    assert result.exit_code == 2 and "names column(s) 'caption' more than once" in result.output

@@ -137,15 +137,20 @@ def header(path: Path) -> tuple[list[str], str]:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        return list(pq.read_schema(path).names), ","
-    if kind == "jsonl":
+        names, delimiter = list(pq.read_schema(path).names), ","
+    elif kind == "jsonl":
         return _jsonl_columns(path), ","
-    with open(path, "rb") as handle:
-        first = handle.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n")
-    if not first.strip():
-        raise ValueError(f"{path} is empty (no header row)")
-    delimiter = sniff_delimiter(path)
-    return next(csv.reader([first], delimiter=delimiter), []), delimiter
+    else:
+        with open(path, "rb") as handle:
+            first = handle.readline().decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n")
+        if not first.strip():
+            raise ValueError(f"{path} is empty (no header row)")
+        delimiter = sniff_delimiter(path)
+        names = next(csv.reader([first], delimiter=delimiter), [])
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # Arrow cannot tell the two apart: a lookup by name fails, or reads the wrong one
+        raise ValueError(f"{path.name} names column(s) {', '.join(map(repr, twice))} more than once; rename one")
+    return names, delimiter
 
 
 def read_batches(
@@ -174,14 +179,155 @@ def read_batches(
         yield from _csv_batches(path, stats, batch_size, columns)
 
 
+@dataclass
+class Malformed:
+    """An input row no reader could make a row of (a JSONL line that is no JSON object, a CSV row with another number
+    of fields than its header): `score` writes it with its number and this reason, and no other cells."""
+
+    number: int
+    reason: str
+
+
+def numbered_batches(
+    path: Path, stats: ReadStats, batch_size: int
+) -> Iterator[tuple[pa.RecordBatch, list[int], list[Malformed]]]:
+    """Every row of a table as record batches of one schema, with each row's number in the input, and the
+    malformed rows since the previous batch (each also a reject in `stats`); what `score` reads.
+
+    Numbers: a JSONL row's line; a CSV/TSV row's data row (the header and blank lines not counted); a Parquet
+    row's position. A JSONL file's columns and their types come from a pass over the whole file (`_jsonl_schema`),
+    so every batch has every key, whatever its first rows hold.
+    """
+    kind = SUFFIXES[path.suffix.lower()]
+    if kind == "jsonl":
+        yield from _jsonl_numbered(path, stats, batch_size)
+        return
+    ragged = _ragged_rows(path) if kind in ("csv", "tsv") else {}
+    number, schema = 0, None
+    for batch in read_batches(path, stats, batch_size=batch_size):
+        schema, numbers, skipped = batch.schema, [], []
+        for _ in range(batch.num_rows):
+            number += 1
+            while number in ragged:  # a row Arrow skipped (`_csv_batches`) keeps its number
+                skipped.append(Malformed(number, ragged.pop(number)))
+                number += 1
+            numbers.append(number)
+        yield batch, numbers, skipped
+    if ragged:  # after the last good row
+        names = schema.names if schema is not None else header(path)[0]
+        empty = pa.RecordBatch.from_arrays([pa.array([], pa.string()) for _ in names], names=names)
+        yield empty, [], [Malformed(n, reason) for n, reason in sorted(ragged.items())]
+
+
+def _ragged_rows(path: Path) -> dict[int, str]:
+    """{data row: reason} of the CSV rows whose field count is not the header's (by Python's csv module, which
+    sees the same rows as Arrow's reader; that one skips them without saying where they were)."""
+    names, delimiter = header(path)
+    found = {}
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        rows = csv.reader(handle, delimiter=delimiter)
+        next(rows, None)
+        number = 0
+        for fields in rows:
+            if not fields:
+                continue  # a blank line: Arrow skips it too
+            number += 1
+            if len(fields) != len(names):
+                found[number] = f"malformed row ({len(fields)} fields, the header has {len(names)})"
+    return found
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if -(2**63) <= value < 2**63 else "other"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list) and all(v is None or isinstance(v, str) for v in value):
+        return "strings"
+    return "other"
+
+
+_ARROW = {
+    frozenset({"bool"}): pa.bool_(),
+    frozenset({"int"}): pa.int64(),
+    frozenset({"int", "float"}): pa.float64(),
+    frozenset({"float"}): pa.float64(),
+    frozenset({"str"}): pa.string(),
+    frozenset({"strings"}): pa.list_(pa.string()),
+}
+
+
+JSON_TEXT = {b"mmcross": b"json-text"}  # field metadata of a column whose non-string cells are JSON text
+
+
+def _jsonl_schema(path: Path) -> tuple[pa.Schema, set[str]]:
+    """The Arrow schema of a JSONL table, from every line: each key in first-seen order, one type per key (ints and
+    floats together: float64). A key whose values differ otherwise (strings and lists, objects, mixed lists) is a
+    string column: strings as they are, other values as JSON text (its field carries `JSON_TEXT`; the names are the
+    second item)."""
+    kinds: dict[str, set[str]] = {}
+    for _, row in _jsonl_rows(path, ReadStats()):
+        for key, value in row.items():
+            kinds.setdefault(key, set()).add(_kind(value))
+    fields, as_text = [], set()
+    for key, seen in kinds.items():
+        arrow = _ARROW.get(frozenset(seen - {"null"}), pa.string() if seen == {"null"} else None)
+        if arrow is None:
+            as_text.add(key)
+        fields.append(pa.field(key, pa.string(), metadata=JSON_TEXT) if arrow is None else pa.field(key, arrow))
+    return pa.schema(fields), as_text
+
+
+def _jsonl_numbered(
+    path: Path, stats: ReadStats, batch_size: int
+) -> Iterator[tuple[pa.RecordBatch, list[int], list[Malformed]]]:
+    schema, as_text = _jsonl_schema(path)
+    rows, numbers, malformed = [], [], []
+    for number, line in read_lines(path, stats):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            reason = None if isinstance(row, dict) else "JSON line is not an object"
+        except json.JSONDecodeError as err:
+            reason = f"malformed JSON line: {err.msg}"
+        if reason is not None:
+            stats.reject(path, reason, kind="record", line=number)
+            malformed.append(Malformed(number, reason))
+            continue
+        for key in as_text.intersection(row):
+            value = row[key]
+            row[key] = value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        rows.append(row)
+        numbers.append(number)
+        if len(rows) == batch_size:
+            yield pa.RecordBatch.from_pylist(rows, schema=schema), numbers, malformed
+            rows, numbers, malformed = [], [], []
+    if rows or malformed:
+        yield pa.RecordBatch.from_pylist(rows, schema=schema), numbers, malformed
+
+
 def _csv_batches(path: Path, stats: ReadStats, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
     import pyarrow.csv as pcsv
 
     names, delimiter = header(path)
+
+    def malformed(row) -> str:  # Arrow does not say where the row is; its text does
+        text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+        reason = f"malformed row ({row.actual_columns} fields, the header has {len(names)}): {text}"
+        stats.reject(path, reason, kind="record")
+        return "skip"
+
     reader = pcsv.open_csv(
         path,
-        read_options=pcsv.ReadOptions(block_size=1 << 20),
-        parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+        read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False),
+        parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=malformed),
         # bytes first, so one line of invalid UTF-8 is replaced and counted instead of failing the whole file
         convert_options=pcsv.ConvertOptions(
             include_columns=columns or [], column_types={name: pa.binary() for name in names}
@@ -290,6 +436,21 @@ def caption_list(cell: object, csv_cell: bool) -> list[object]:
     return [cell]
 
 
+def image_source(cell: object, root: Path, name: str) -> tuple[str, Path | None, bytes | None] | None:
+    """(image id, file, encoded bytes) of an image cell, or None when it names no image: a path (relative to
+    `root`), encoded bytes (id `name`), or a `{"bytes", "path"}` struct (Hugging Face's Image feature, which keeps
+    files on disk as `{"bytes": None, "path": ...}`)."""
+    if isinstance(cell, dict) and cell.get("bytes"):
+        return cell.get("path") or name, None, bytes(cell["bytes"])
+    if isinstance(cell, dict):
+        cell = cell.get("path")
+    if isinstance(cell, bytes | bytearray) and cell:
+        return name, None, bytes(cell)
+    if isinstance(cell, str) and cell.strip():
+        return cell.strip(), root / cell.strip(), None
+    return None
+
+
 def read_file(path: Path, cfg: DataCfg, stats: ReadStats, file_split: str | None = None) -> Iterator[Record]:
     """Records of one table file, rows grouped by (image, split)."""
     cols, rows = _rows(path, stats, cfg)
@@ -300,20 +461,11 @@ def read_file(path: Path, cfg: DataCfg, stats: ReadStats, file_split: str | None
     for number, row in rows:
         cell = row.get(cols.image)
         split = normalise_split(row.get(cols.split), strict=False) if cols.split else file_split
-        record_path, data, image_id = None, None, None
-        if isinstance(cell, dict) and cell.get("bytes"):
-            data, image_id = cell["bytes"], cell.get("path") or f"{path.name}:{number}"
-        elif isinstance(cell, dict) and isinstance(cell.get("path"), str) and cell["path"].strip():
-            image_id = cell["path"].strip()  # Hugging Face's Image feature keeps files on disk as {"bytes": None, ...}
-            record_path = root / image_id
-        elif isinstance(cell, bytes | bytearray) and cell:
-            data, image_id = bytes(cell), f"{path.name}:{number}"
-        elif isinstance(cell, str) and cell.strip():
-            image_id = cell.strip()
-            record_path = root / image_id
-        else:
+        source = image_source(cell, root, f"{path.name}:{number}")
+        if source is None:
             stats.reject(path, f"row without an image in column {cols.image!r}", kind="record", line=number)
             continue
+        image_id, record_path, data = source
         if cols.image_id and row.get(cols.image_id) not in (None, ""):
             image_id = str(row[cols.image_id])
         key = (str(record_path) if record_path else image_id, split)

@@ -101,7 +101,9 @@ def default_nprobe(nlist: int) -> int:
 
 def faiss_search(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores (Q, k), ids (Q, k)) from a faiss index; `nprobe` overrides the IVF default."""
-    if nprobe is not None and hasattr(index, "nprobe"):
+    if nprobe is not None:
+        if not hasattr(index, "nprobe"):
+            raise ValueError(f"--nprobe tunes a faiss IVF index; this index's faiss index is {type(index).__name__}")
         index.nprobe = nprobe
     k = min(k, index.ntotal)
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
