@@ -300,22 +300,33 @@ def load_matcher(ref: ModelRef, device: str | torch.device = "cpu", inference: I
     return matcher
 
 
-def graph_cache_dir(ref: ModelRef, matcher: Matcher, fingerprint: str | None = None) -> Path:
-    """Where `mmcross.fast` keeps a matcher's exported graphs: beside its weights file (`best.safetensors` ->
-    `best.graphs/`; a local `--pretrained` file likewise), else under `$MMCROSS_CACHE/graphs` (default
-    `~/.cache/mmcross/graphs`) in a folder per preset and weights `fingerprint` (computed when not given)."""
+def graph_folders(ref: ModelRef, matcher: Matcher, fingerprint: str | None = None) -> list[Path]:
+    """Where `mmcross.fast` looks for a matcher's exported graphs, in order; the last is where it builds them.
+
+    Beside the weights file (`best.safetensors` -> `best.graphs/`; a local `--pretrained` file likewise), else
+    under `$MMCROSS_CACHE/graphs` (default `~/.cache/mmcross/graphs`) in a folder per preset and towers'
+    `fingerprint` (`towers_fingerprint`, computed when not given). A `.graphs` folder that cannot be written (a
+    shared run folder) is read first, and new graphs go to the cache.
+    """
     import os
 
     weights = resolve_checkpoint(ref.checkpoint) if ref.checkpoint else None
     pretrained = matcher.cfg.encoder.pretrained
     if weights is None and pretrained and Path(pretrained).expanduser().is_file():
         weights = Path(pretrained).expanduser()
-    if weights is not None and os.access(weights.parent, os.W_OK):
-        return weights.with_name(weights.stem + ".graphs")
+    beside = weights.with_name(weights.stem + ".graphs") if weights is not None else None
+    if beside is not None and os.access(beside if beside.exists() else beside.parent, os.W_OK):
+        return [beside]
     root = Path(os.environ.get("MMCROSS_CACHE") or Path.home() / ".cache" / "mmcross")
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in matcher.cfg.name)
-    fingerprint = fingerprint or model_fingerprint(matcher)
-    return root / "graphs" / f"{name}-{fingerprint.removeprefix('sha256:')}"
+    fingerprint = fingerprint or towers_fingerprint(matcher)
+    cache = root / "graphs" / f"{name}-{fingerprint.removeprefix('sha256:')}"
+    return [beside, cache] if beside is not None and beside.is_dir() else [cache]
+
+
+def graph_cache_dir(ref: ModelRef, matcher: Matcher, fingerprint: str | None = None) -> Path:
+    """The folder `mmcross.fast` builds a matcher's graphs in (`graph_folders`' last)."""
+    return graph_folders(ref, matcher, fingerprint)[-1]
 
 
 # What `--set` may change on a checkpoint: its weights come from the file, so seeds, pretrained weights, precision and
@@ -377,6 +388,12 @@ def reference_name(ref: ModelRef) -> str:
     name = ref.config["name"] if ref.config else ref.model or DEFAULT_MODEL
     pretrained = ref.config["encoder"]["pretrained"] if ref.config else ref.pretrained
     return name + (f" ({pretrained})" if pretrained else "")
+
+
+def towers_fingerprint(matcher: Matcher) -> str:
+    """A hash of the two towers' weights alone: what `mmcross.fast`'s graphs are made of (the fusion and head never
+    enter them, so another fusion on the same towers reuses the same graphs)."""
+    return model_fingerprint(torch.nn.ModuleDict({"image": matcher.image_encoder, "text": matcher.text_encoder}))
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:

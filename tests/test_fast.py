@@ -19,7 +19,7 @@ from cli import app
 from mmcross import fast
 from mmcross.config import InferenceCfg, ModelRef
 from mmcross.encode import encode_texts
-from mmcross.factory import graph_cache_dir, load_matcher, model_fingerprint
+from mmcross.factory import graph_cache_dir, graph_folders, load_matcher, model_fingerprint, towers_fingerprint
 from mmcross.fast.cache import graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_openvino_int8_is_its_own_nncf_graph_cached_and_close_to_fp32(tmp_path, 
 @needs_fast
 def test_graph_cache_reused_then_rebuilt_when_stale_or_damaged(fp32, int8, capsys):
     folder = graph_cache_dir(ModelRef(model="tiny"), fp32)
-    fingerprint = model_fingerprint(fp32)
+    fingerprint = towers_fingerprint(fp32)
     path = graph(fp32, "image", "int8", folder, fingerprint)  # built by the `int8` fixture
     capsys.readouterr()
     assert graph(fp32, "image", "int8", folder, fingerprint) == path
@@ -149,6 +149,49 @@ def test_graph_cache_reused_then_rebuilt_when_stale_or_damaged(fp32, int8, capsy
 
     other = load_matcher(ModelRef(model="tiny", overrides={"encoder.seed": 1}))
     assert graph_cache_dir(ModelRef(model="tiny"), other) != folder  # other weights, another folder
+
+
+@needs_fast
+def test_graphs_depend_on_the_towers_alone_and_int8_quantises_matrix_products_only(fp32, int8, capsys):
+    import onnx
+
+    other_fusion = load_matcher(ModelRef(model="tiny", overrides={"fusion.seed": 1}))
+    assert model_fingerprint(other_fusion) != model_fingerprint(fp32)
+    assert towers_fingerprint(other_fusion) == towers_fingerprint(fp32)
+    folder = graph_cache_dir(ModelRef(model="tiny"), fp32)
+    assert graph_cache_dir(ModelRef(model="tiny"), other_fusion) == folder
+    capsys.readouterr()
+    fast.use_inference(other_fusion, InferenceCfg("int8", "onnx"), ModelRef(model="tiny"))
+    assert "built" not in capsys.readouterr().err  # the int8 fixture's graphs serve another fusion on the same towers
+    for tower in ("image", "text"):
+        ops = {node.op_type for node in onnx.load(folder / f"{tower}-int8.onnx").graph.node}
+        assert "MatMulInteger" in ops and "ConvInteger" not in ops, ops  # ConvInteger is slow on a CPU
+
+
+@needs_fast
+def test_a_graphs_folder_that_cannot_be_written_is_read_and_new_graphs_go_to_the_cache(
+    tmp_path, monkeypatch, fp32, int8, capsys
+):
+    from mmcross.factory import save_checkpoint
+
+    source = graph_cache_dir(ModelRef(model="tiny"), fp32)  # the int8 fixture's graphs
+    save_checkpoint(fp32, tmp_path / "run" / "best.safetensors")
+    ref = ModelRef(checkpoint=str(tmp_path / "run"))
+    beside = tmp_path / "run" / "best.graphs"
+    assert graph_folders(ref, fp32) == [beside]
+    beside.mkdir()
+    for name in ("image-fp32.onnx", "image-fp32.json"):  # a valid image graph, no text graph
+        (beside / name).write_bytes((source / name).read_bytes())
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == beside else access(path, mode))
+    monkeypatch.setenv("MMCROSS_CACHE", str(tmp_path / "cache"))
+    *read_first, build_in = graph_folders(ref, fp32)
+    assert read_first == [beside] and build_in.parent == tmp_path / "cache" / "graphs"
+    fingerprint = towers_fingerprint(fp32)
+    capsys.readouterr()
+    assert graph(fp32, "image", "fp32", build_in, fingerprint, read_first) == beside / "image-fp32.onnx"
+    assert graph(fp32, "text", "fp32", build_in, fingerprint, read_first) == build_in / "text-fp32.onnx"
+    assert capsys.readouterr().err.count("built") == 1  # the text graph only, in the cache
 
 
 def test_graphs_sit_beside_a_checkpoint(tmp_path, fp32):

@@ -57,7 +57,7 @@ def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
     """Run `matcher`'s encoders as `cfg` says; returns the matcher, whose `inference` records what runs.
 
     A runtime whose packages are missing falls back to torch fp32, saying so in one line. Graphs come from (and go
-    to) the folder `mmcross.factory.graph_cache_dir` gives for `ref` (how the model was named). Only open_clip
+    to) the folders `mmcross.factory.graph_folders` gives for `ref` (how the model was named). Only open_clip
     CLIP-style text towers are exported (HF and CoCa towers are refused).
     """
     cfg = resolve(cfg)
@@ -73,17 +73,17 @@ def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
         raise ValueError(f"--runtime {cfg.runtime} runs the encoders on the CPU; give --device cpu, or --runtime torch")
     if getattr(matcher.text_encoder, "tower", None) is not None:
         raise ValueError(f"--runtime {cfg.runtime} exports open_clip CLIP-style text towers only, not this model's")
-    from mmcross.factory import graph_cache_dir, model_fingerprint
+    from mmcross.factory import graph_folders, towers_fingerprint
     from mmcross.fast.cache import graph, openvino_int8_graph
     from mmcross.fast.sessions import open_session
 
-    fingerprint = model_fingerprint(matcher)
-    cache_dir = graph_cache_dir(ref, matcher, fingerprint)
+    fingerprint = towers_fingerprint(matcher)
+    *read_first, cache_dir = graph_folders(ref, matcher, fingerprint)
     for tower, encoder in (("image", matcher.image_encoder), ("text", matcher.text_encoder)):
         if (cfg.precision, cfg.runtime) == ("int8", "openvino"):  # OpenVINO's own int8 (NNCF), not ONNX Runtime's
-            path = openvino_int8_graph(matcher, tower, cache_dir, fingerprint)
+            path = openvino_int8_graph(matcher, tower, cache_dir, fingerprint, read_first)
         else:
-            path = graph(matcher, tower, cfg.precision, cache_dir, fingerprint)
+            path = graph(matcher, tower, cfg.precision, cache_dir, fingerprint, read_first)
         encoder.runtime = open_session(path, cfg.runtime)
     matcher.inference = cfg
     return matcher

@@ -1,10 +1,11 @@
 """Exported graphs on disk, each checked by a key file before use.
 
 A graph `{tower}-{precision}.onnx` sits in a cache folder (next to the weights it came from, see
-`mmcross.factory.graph_cache_dir`) with `{tower}-{precision}.json` beside it: the weights' fingerprint, preset,
-architecture, image size, the versions of the exporter and quantiser, and the graph's sha256. A graph is used only
-when every field matches and the file's hash is the recorded one; otherwise (other weights, another version, a
-truncated or foreign file) it is rebuilt. ONNX files hold tensors and a graph, no Python objects: nothing unpickles.
+`mmcross.factory.graph_folders`) with `{tower}-{precision}.json` beside it: the towers' weights fingerprint, preset,
+architecture, image size, token stage, the versions of the exporter and quantiser, and the graph's sha256. A graph
+is used only when every field matches and the file's hash is the recorded one; otherwise (other weights, another
+version, a truncated or foreign file) it is rebuilt. ONNX files hold tensors and a graph, no Python objects:
+nothing unpickles.
 
 OpenVINO's int8 graph is its own: `{tower}-int8-openvino.xml` + `.bin` (OpenVINO IR: an XML graph and raw weight
 bytes), NNCF's weight compression of the fp32 ONNX graph, keyed the same way plus the openvino and nncf versions and
@@ -17,9 +18,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-FORMAT = "mmcross.graph"
+FORMAT = "mmcross.graph/2"  # 2: int8 ONNX graphs quantise matrix products only (`export.quantize_int8`)
 
 
 ONNX_TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime")
@@ -43,6 +45,7 @@ def key_of(matcher, tower: str, precision: str, fingerprint: str, tools: tuple[s
         "preset": cfg.name,
         "architecture": cfg.encoder.model_name,
         "image_size": list(matcher.image_encoder.image_size),
+        "token_stage": matcher.image_encoder.token_stage,  # which map the image graph returns as tokens
         "versions": versions(tools),
     }
 
@@ -61,6 +64,10 @@ def _hashes(path: Path) -> dict[str, str]:
     if path.suffix == ".xml":
         hashes["sha256_bin"] = _sha256(path.with_suffix(".bin"))
     return hashes
+
+
+def _first_hit(folders: Sequence[Path], name: str, key: dict, suffix: str = ".onnx") -> Path | None:
+    return next((hit for f in folders if (hit := cached(Path(f), name, key, suffix)) is not None), None)
 
 
 def cached(folder: Path, name: str, key: dict, suffix: str = ".onnx") -> Path | None:
@@ -84,8 +91,11 @@ def _write_key(folder: Path, name: str, key: dict, path: Path) -> None:
     os.replace(key_tmp, folder / f"{name}.json")  # the key file goes last: a graph without a matching key is unused
 
 
-def graph(matcher, tower: str, precision: str, folder: str | Path, fingerprint: str) -> Path:
-    """The ONNX graph of `matcher`'s `tower` ("image" or "text") at `precision`, from `folder` or built into it.
+def graph(
+    matcher, tower: str, precision: str, folder: str | Path, fingerprint: str, read_first: Sequence[Path] = ()
+) -> Path:
+    """The ONNX graph of `matcher`'s `tower` ("image" or "text") at `precision`, from `read_first` or `folder`, or
+    built into `folder`.
 
     Building says so on stderr with the seconds it took (conversion is paid once per weights).
     """
@@ -95,12 +105,12 @@ def graph(matcher, tower: str, precision: str, folder: str | Path, fingerprint: 
     folder = Path(folder)
     name = f"{tower}-{precision}"
     key = key_of(matcher, tower, precision, fingerprint)
-    hit = cached(folder, name, key)
+    hit = _first_hit([*read_first, folder], name, key)
     if hit is not None:
         return hit
     folder.mkdir(parents=True, exist_ok=True)
     # an int8 graph is made from the fp32 one, which says its own seconds: the note below counts this step only
-    fp32 = graph(matcher, tower, "fp32", folder, fingerprint) if precision != "fp32" else None
+    fp32 = graph(matcher, tower, "fp32", folder, fingerprint, read_first) if precision != "fp32" else None
     start = time.perf_counter()
     tmp = folder / f".{name}.{os.getpid()}.onnx"
     try:
@@ -117,9 +127,11 @@ def graph(matcher, tower: str, precision: str, folder: str | Path, fingerprint: 
     return path
 
 
-def openvino_int8_graph(matcher, tower: str, folder: str | Path, fingerprint: str) -> Path:
-    """OpenVINO's int8 graph of `tower` (the `.xml`; its `.bin` beside it), from `folder` or built into it from the
-    fp32 ONNX graph by NNCF's weight compression (`mmcross.fast.export.compress_int8_openvino`).
+def openvino_int8_graph(
+    matcher, tower: str, folder: str | Path, fingerprint: str, read_first: Sequence[Path] = ()
+) -> Path:
+    """OpenVINO's int8 graph of `tower` (the `.xml`; its `.bin` beside it), from `read_first` or `folder`, or built
+    into `folder` from the fp32 ONNX graph by NNCF's weight compression (`mmcross.fast.export.compress_int8_openvino`).
 
     Imports openvino and nncf: call it where OpenVINO may be loaded (see `mmcross.fast.sessions`).
     """
@@ -129,11 +141,11 @@ def openvino_int8_graph(matcher, tower: str, folder: str | Path, fingerprint: st
     folder = Path(folder)
     name = f"{tower}-int8-openvino"
     key = key_of(matcher, tower, "int8", fingerprint, OPENVINO_TOOLS) | {"runtime": "openvino"}
-    hit = cached(folder, name, key, ".xml")
+    hit = _first_hit([*read_first, folder], name, key, ".xml")
     if hit is not None:
         return hit
     folder.mkdir(parents=True, exist_ok=True)
-    fp32 = graph(matcher, tower, "fp32", folder, fingerprint)  # says its own seconds
+    fp32 = graph(matcher, tower, "fp32", folder, fingerprint, read_first)  # says its own seconds
     start = time.perf_counter()
     tmp = folder / f".{name}.{os.getpid()}.xml"
     path = folder / f"{name}.xml"
