@@ -551,6 +551,12 @@ def score(
     )
     if report.stats.invalid_utf8:
         typer.echo(f"note: {report.stats.invalid_utf8:,} cell(s) of invalid UTF-8 replaced by U+FFFD", err=True)
+    if report.cut:
+        typer.echo(
+            f"note: {report.cut:,} caption(s) longer than the model's {report.context} tokens were scored on the "
+            "part that fits (the rest is cut, as the text tower's context requires)",
+            err=True,
+        )
     for reject in report.stats.rejects:  # malformed input rows: written with their input_row and reason only
         where = reject.path if reject.line is None else f"{reject.path}:{reject.line}"
         typer.echo(f"note: {where}: {reject.reason} (written with its input_row and reason, no scores)", err=True)
@@ -588,6 +594,11 @@ def explain(
         matcher = load_matcher(_ref(model, pretrained, checkpoint, set_))
         layer = None if all_layers else (-1 if layer is None else layer)
         result = explain_pair(matcher, image, caption, out, layer=layer, panel=panel)
+    if result.cut_to:
+        typer.echo(
+            f"note: the caption is longer than the model's {result.cut_to} tokens; the part that fits is shown",
+            err=True,
+        )
     untrained = "" if result.head_trained else "  (untrained head)"
     typer.echo(f"itc {result.itc:.4f}  itm {result.itm:.4f}  score {result.score:.4f}{untrained}")
     if not result.head_trained:

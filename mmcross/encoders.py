@@ -424,6 +424,12 @@ def count_tokens(model_name: str, captions: list[str]) -> tuple[list[int], int]:
     return [len(row) for row in ids], context
 
 
+def longer_than_context(model_name: str, captions: list[str]) -> tuple[int, int]:
+    """(how many of `captions` the tokenizer cuts to fit the context, that context length)."""
+    counts, context = count_tokens(model_name, captions)
+    return sum(count > context for count in counts), context
+
+
 def token_strings(tokenizer: Callable, ids: Sequence[int]) -> list[str]:
     """The word piece each token id stands for, for display (attention heat maps label their panels with them).
 

@@ -22,6 +22,7 @@ import torch
 from mmcross.data import table
 from mmcross.data.records import ReadStats, Record, blank_caption
 from mmcross.encode import encode_images, encode_texts
+from mmcross.encoders import longer_than_context
 from mmcross.model import Matcher
 from mmcross.progress import Progress
 
@@ -40,6 +41,8 @@ class ScoreReport:
     stats: ReadStats = field(default_factory=ReadStats)  # invalid UTF-8 replaced, malformed JSONL lines skipped
     head: bool = True  # itm and score written; False: the head is untrained, rows hold itc and "untrained head"
     with_itc: int = 0  # output rows with an itc (all scored rows, and with an untrained head the rows itc alone)
+    cut: int = 0  # captions longer than the model's context, scored on the part that fits
+    context: int = 0  # that context length (tokens)
 
 
 UNTRAINED_HEAD = "untrained head"  # the reason of rows whose itm and score are left empty (`score_batch`)
@@ -216,6 +219,9 @@ def score_pairs(
                 _check_columns(batch.schema.names, image_col, caption_col, pairs)
                 text_cells = csv_cells or batch.schema.field(caption_col).metadata == table.JSON_TEXT
                 expanded = expand_captions(batch, caption_col, numbers, text_cells)
+                captions = [c for c in expanded.column(caption_col).to_pylist() if c is not None]
+                cut, report.context = longer_than_context(matcher.cfg.encoder.model_name, captions)
+                report.cut += cut
                 parts = [
                     _scored(matcher, expanded.slice(start, batch_size), image_col, caption_col, root, report.head)
                     for start in range(0, expanded.num_rows, batch_size)

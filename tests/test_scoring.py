@@ -201,3 +201,17 @@ def test_a_column_named_twice_is_one_clear_error(tmp_path):
     pairs.write_text("image,caption,caption\na.png,one,two\n")
     result = runner.invoke(app, ["score", str(pairs), "-o", str(tmp_path / "s.csv"), "-m", "tiny"])
     assert result.exit_code == 2 and "names column(s) 'caption' more than once" in result.output
+
+
+def test_captions_longer_than_the_context_are_said_to_be_cut(tmp_path):
+    _red_png(tmp_path / "a.png")
+    long = " ".join(["dog"] * 100)  # 102 tokens with start and end; tiny's context is 77
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image,caption\na.png,{long}\na.png,a short one\n")
+    result = _invoke(["score", str(pairs), "-o", str(tmp_path / "s.csv"), "-m", "tiny", "--quiet"])
+    assert "1 caption(s) longer than the model's 77 tokens were scored on the part that fits" in result.output
+    out = tmp_path / "h.png"
+    result = _invoke(["explain", str(tmp_path / "a.png"), long, "-m", "tiny", "-o", str(out), "--panel", "32"])
+    assert "the caption is longer than the model's 77 tokens" in result.output
+    result = _invoke(["explain", str(tmp_path / "a.png"), "a short one", "-m", "tiny", "-o", str(out), "--panel", "32"])
+    assert "longer than" not in result.output

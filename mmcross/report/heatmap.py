@@ -65,6 +65,7 @@ class Explanation:
     out: Path | None  # the PNG written
     size: tuple[int, int]  # its (width, height)
     head_trained: bool = True  # False: no run trained the fusion and head, so itm and the maps are random init's
+    cut_to: int | None = None  # the context length the caption was cut to (longer than it), else None
 
 
 def combine_attention(attention: list[torch.Tensor], layer: int | None = -1) -> torch.Tensor:
@@ -187,7 +188,7 @@ def explain(
     and in `Explanation.head_trained`.
     """
     from mmcross.data.images import load_rgb
-    from mmcross.encoders import token_strings
+    from mmcross.encoders import longer_than_context, token_strings
 
     if out is not None:
         check_png_path(out)
@@ -217,7 +218,9 @@ def explain(
         scores = f"itc {itc:.3f}  itm {itm:.3f}  score {score:.3f}"
         header = f"{caption}\n{untrained}{scores}   ({how}, mean over heads; (share))"
         size = render_heatmap(rgb, words, out, panel=panel, header=header)
-    return Explanation(itc, itm, score, words, Path(out) if out is not None else None, size, matcher.head_trained)
+    cut, context = longer_than_context(matcher.cfg.encoder.model_name, [caption])
+    out = Path(out) if out is not None else None
+    return Explanation(itc, itm, score, words, out, size, matcher.head_trained, context if cut else None)
 
 
 UNTRAINED_NOTE = "untrained head: no run trained the fusion and head; itm, score and the maps are random init's"
