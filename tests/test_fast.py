@@ -272,3 +272,15 @@ def test_fp32_graph_matches_torch_closely(fp32):
     onnx32 = load_matcher(ModelRef(model="tiny"), inference=InferenceCfg("fp32", "onnx"))
     a, b = encode_texts(fp32, CAPTIONS), encode_texts(onnx32, CAPTIONS)
     np.testing.assert_allclose(a.pooled.numpy(), b.pooled.numpy(), atol=1e-4)
+
+
+@needs_fast
+def test_int8_with_the_model_on_a_gpu_names_what_the_user_typed(monkeypatch):
+    from mmcross.model import Matcher
+
+    matcher = load_matcher(ModelRef(model="tiny"))
+    monkeypatch.setattr(Matcher, "device", property(lambda self: torch.device("cuda", 0)))
+    with pytest.raises(
+        ValueError, match=r"--precision int8 \(runtime onnx\) runs the encoders on the CPU.*--device cpu"
+    ):
+        fast.use_inference(matcher, InferenceCfg("int8", "auto"), ModelRef(model="tiny"))

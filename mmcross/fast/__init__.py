@@ -70,7 +70,15 @@ def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
         note(f"--runtime {cfg.runtime} needs {', '.join(missing)} ({EXTRA}); running torch fp32 instead")
         return matcher
     if matcher.device.type != "cpu":
-        raise ValueError(f"--runtime {cfg.runtime} runs the encoders on the CPU; give --device cpu, or --runtime torch")
+        how = (
+            f"--precision {cfg.precision} (runtime {cfg.runtime})"
+            if cfg.precision != "fp32"
+            else f"--runtime {cfg.runtime}"
+        )
+        fix = "--precision fp32" if cfg.precision != "fp32" else "--runtime torch"
+        raise ValueError(
+            f"{how} runs the encoders on the CPU, the model is on {matcher.device}: give --device cpu, or {fix}"
+        )
     if getattr(matcher.text_encoder, "tower", None) is not None:
         raise ValueError(f"--runtime {cfg.runtime} exports open_clip CLIP-style text towers only, not this model's")
     from mmcross.factory import graph_folders, towers_fingerprint
