@@ -211,7 +211,10 @@ def load_run_cfg(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such run config: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"run config {path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"run config {path} must be a mapping")
         if isinstance(data.get("train"), dict) and data["train"].get("autocast") is False:
@@ -345,7 +348,14 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
         hints = typing.get_type_hints(type(target))
         if last not in hints:
             raise ValueError(f"unknown config key {dotted!r}; known at that level: {', '.join(sorted(hints))}")
-        setattr(target, last, _coerce(value, hints[last]) if isinstance(value, str) else value)
+        if isinstance(value, str):  # a --set value: parsed as the field's type ("" and "none" clear an optional)
+            try:
+                value = _coerce(value, hints[last])
+            except ValueError as err:
+                raise ValueError(f"{dotted}: {err}") from None
+        else:  # a YAML or JSON value (a run config's `matcher:`): checked as from_dict checks the rest
+            value = typed(value, hints[last], dotted)
+        setattr(target, last, value)
     return cfg
 
 
@@ -357,7 +367,14 @@ def load_matcher_cfg(preset: str, overrides: dict[str, Any] | None = None) -> Ma
         if not path.is_file():
             presets = ", ".join(list_presets())
             raise ValueError(f"unknown model preset {preset!r} (and no such config file); presets: {presets}")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"model config {path} is not JSON ({err}); --model takes a preset or a JSON config file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {path} must be a JSON object of MatcherCfg fields, not {type(data).__name__}")
     data.setdefault("name", path.stem)
     cfg = from_dict(MatcherCfg, data)
     return apply_overrides(cfg, overrides or {})

@@ -33,12 +33,14 @@ from open_clip.hf_model import HFTextEncoder
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
+from safetensors import SafetensorError
 from torch import nn
 
 from mmcross.config import PRESET_DIR, EncoderCfg
 from mmcross.features import ImageFeatures, TextFeatures
 
 HF_HOST = "huggingface.co"
+PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "pure_fp16", "pure_bf16")  # open_clip's `precision`
 LENGTH_CHUNK = 64  # captions per text-tower call when a large batch is split by length
 CONNECT_TIMEOUT_S = 3.0
 _OPEN_CLIP_CONFIG_DIR = PRESET_DIR / "open_clip"
@@ -102,11 +104,19 @@ class ImageEncoder(nn.Module):
         size = visual.image_size
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the tower takes pixels in: its first convolution's (open_clip's fp16/bf16 towers keep some
+        parameters, norms and embeddings, in fp32)."""
+        conv = next((m for m in self.visual.modules() if isinstance(m, nn.Conv2d)), None)
+        return conv.weight.dtype if conv is not None else next(self.visual.parameters()).dtype
+
     def forward(self, pixels: torch.Tensor) -> ImageFeatures:
         if self.runtime is not None:
             pooled, tokens = self.runtime(pixels)
             return ImageFeatures(pooled=pooled, tokens=tokens)
         visual = self.visual
+        pixels = pixels.to(self.dtype)  # a tower built at `encoder.precision` fp16/bf16 takes pixels of its dtype
         if isinstance(visual, VisionTransformer):
             pooled, tokens = visual(pixels)  # (B, E), (B, P, Dv)
         elif isinstance(visual, ModifiedResNet):
@@ -349,6 +359,8 @@ def _build_error(model_name: str, pretrained: str | None, err: Exception) -> str
 def load_encoders(cfg: EncoderCfg, device: str | torch.device = "cpu") -> Encoders:
     """Build the image and text encoders of `cfg`: seeded random init, or the pretrained weights it names."""
     _register_configs()
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"encoder.precision {cfg.precision!r}: one of {', '.join(PRECISIONS)}")
     model_name, pretrained = cfg.model_name, ""
     if cfg.pretrained:
         model_name, pretrained = _resolve_pretrained(cfg.model_name, cfg.pretrained)
@@ -368,6 +380,12 @@ def load_encoders(cfg: EncoderCfg, device: str | torch.device = "cpu") -> Encode
         tokenizer = open_clip.get_tokenizer(model_name)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused it before running anything
         raise ValueError(f"refusing --pretrained {cfg.pretrained}: {_unpickling_reason(err)}") from None
+    except SafetensorError as err:  # a truncated or damaged .safetensors file
+        raise ValueError(f"--pretrained {cfg.pretrained} is not a readable safetensors file: {err}") from None
+    except AssertionError as err:  # open_clip's checks while loading weights of another model (pos_embed widths)
+        if not cfg.pretrained:
+            raise
+        raise ValueError(f"--pretrained {cfg.pretrained} does not hold {model_name} weights ({err})") from None
     except (RuntimeError, OSError, ImportError) as err:  # e.g. a tower that needs `transformers`, a bad file
         raise ValueError(_build_error(model_name, cfg.pretrained, err)) from None
     model.eval()

@@ -178,7 +178,8 @@ def _refuse_mmcross_pretrained(pretrained: str | None) -> None:
     if parsed is not None and (parsed.get("__metadata__") or {}).get("format") == FORMAT:
         raise ValueError(
             f"--pretrained {pretrained} is an mmcross checkpoint (encoders, fusion and head), not open_clip weights; "
-            f"use --checkpoint {pretrained}"
+            f"use --checkpoint {pretrained} (embed, index, search, score, explain, eval); `mmcross train` starts from "
+            "open_clip weights and continues its own runs with --resume"
         )
 
 
@@ -225,7 +226,7 @@ def load_checkpoint(
         ValueError: not a mmcross safetensors checkpoint (pickles are refused unread), another architecture than
             `expected`, or tensors that do not fit the architecture its config names.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -237,8 +238,12 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {path} holds {describe(cfg)}, not the expected {describe(want)}")
     # The weights come from the file: build the architecture with random init, never fetch pretrained weights.
     matcher = create_matcher(apply_overrides(cfg, {"encoder.pretrained": None}), device=device)
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        tensors = load_file(str(path), device=str(device))
+    except SafetensorError as err:  # a header that parses over a truncated or damaged body
+        raise ValueError(f"checkpoint {path} is damaged or truncated ({err})") from None
     want_shapes = {k: tuple(v.shape) for k, v in matcher.state_dict().items()}
     if shapes != want_shapes:
         wrong = sorted(set(shapes) ^ set(want_shapes)) + sorted(
@@ -248,7 +253,7 @@ def load_checkpoint(
             f"checkpoint {path} says it holds {describe(cfg)}, but its tensors do not fit that architecture "
             f"({len(wrong)} keys missing, extra or of another shape, e.g. {', '.join(wrong[:3])})"
         )
-    matcher.load_state_dict(load_file(str(path), device=str(device)))
+    matcher.load_state_dict(tensors)
     matcher.cfg = cfg  # keep the provenance (encoder.pretrained) the checkpoint recorded
     matcher.head_steps = checkpoint_head_steps(meta)
     return matcher
@@ -346,6 +351,12 @@ def _load_checkpoint_ref(ref: ModelRef, device: str | torch.device) -> Matcher:
             raise ValueError(
                 f"--model {ref.model} is {describe(want)}, but checkpoint {path} holds {describe(matcher.cfg)}; "
                 "drop --model (a checkpoint holds its own architecture)"
+            )
+        have = apply_overrides(matcher.cfg, ref.overrides or {}).itc_weight
+        if want.itc_weight != have:  # the one setting a checkpoint takes from outside: never dropped in silence
+            raise ValueError(
+                f"--model {ref.model} ranks by itm + {want.itc_weight:g} x itc, checkpoint {path} by itm + "
+                f"{have:g} x itc; drop --model, or choose with --set itc_weight=..."
             )
     if ref.overrides:
         cfg = apply_overrides(matcher.cfg, ref.overrides)

@@ -74,12 +74,15 @@ def loss_series(rows: list[dict]) -> tuple[list[int], dict[str, list[float]], in
     return [r["step"] for r in rows], series, fusion
 
 
-def loss_curve(log: str | Path, out: str | Path | None = None) -> Path:
+def loss_curve(log: str | Path, out: str | Path | None = None) -> Path | None:
     """The total loss and each loss term against the optimiser step, from a run's `log.jsonl`, as a PNG.
 
     Args:
         log: the JSONL log `mmcross train` writes (or its run directory).
         out: the PNG to write; default `loss.png` beside the log.
+
+    Returns:
+        The PNG's path, or None when the log has no loss line yet (nothing is drawn).
     """
     log = Path(log)
     if log.is_dir():
@@ -88,8 +91,8 @@ def loss_curve(log: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"no training log {log}")
     rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]  # not the eval lines, nor the final {"stopped_by"} line
-    if not rows:
-        raise ValueError(f"{log} has no loss lines")
+    if not rows:  # a run stopped (max_minutes) before its first `log_every` step: nothing to draw yet
+        return None
     steps, series, fusion = loss_series(rows)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Collection
 from contextlib import contextmanager, nullcontext
@@ -44,6 +45,12 @@ from mmcross.train.state import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def tell(message: str) -> None:
+    """A note the user must see (the CLI shows library logs only with --verbose): stderr, and the log."""
+    log.warning(message)
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -321,18 +328,17 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool, deliberate: Collection[s
         cfg = run.train
     elif rank == 0 and not nothing_to_resume(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    torch.manual_seed(mix_seed(cfg.seed, 0, rank))
+    if resume:
+        matcher = load_checkpoint(last_path, device=device)
+    else:  # before anything is written: a model that cannot be built leaves the folder as it was
+        matcher = load_matcher(run.model_ref(), device=device)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:  # (a resumed run's config.json: once its checkpoint and optimiser state have loaded, below)
             for name in (LOG_FILE, BEST_CHECKPOINT):  # a run killed before its first checkpoint: stale, it restarts
                 (run_dir / name).unlink(missing_ok=True)
             (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
-
-    torch.manual_seed(mix_seed(cfg.seed, 0, rank))
-    if resume:
-        matcher = load_checkpoint(last_path, device=device)
-    else:
-        matcher = load_matcher(run.model_ref(), device=device)
     set_trainable(matcher, cfg.trainable, cfg.last_n_blocks)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -358,7 +364,8 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool, deliberate: Collection[s
         )
     if cfg.autocast == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         # emulated bf16 is several times slower than fp32: the run keeps its steps and computes them in fp32
-        log.warning("train.autocast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so the run stays fp32")
+        if rank == 0:
+            tell("train.autocast=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so the run stays fp32")
     optimizer, scheduler = optimizer_and_schedule(module, cfg)
     state = Run(cfg, run_dir, rank, size, device, matcher, loss, module, model, optimizer, scheduler, start_time)
     # the head learns in a step only from the ITM loss, and only where its weights train
@@ -552,7 +559,8 @@ def fit(
                 on_step(entry)
             if out_of_time:
                 stopped_by = "max_minutes"
-                log.warning("stopping at step %d: train.max_minutes=%s reached", r.step, cfg.max_minutes)
+                if r.rank == 0:
+                    tell(f"stopping at step {r.step}: train.max_minutes={cfg.max_minutes} reached")
                 break
         if log_file:
             # what the run promised (max_steps + fusion_steps) and what it did: a safety stop is never silent

@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-from mmcross.config import MatcherCfg, RunCfg, TrainCfg, flatten_dotted, from_dict, to_dict
+from mmcross.config import (
+    MatcherCfg,
+    RunCfg,
+    TrainCfg,
+    apply_overrides,
+    flatten_dotted,
+    from_dict,
+    list_presets,
+    to_dict,
+)
 from mmcross.factory import LAST_CHECKPOINT, checkpoint_metadata, resolve_cfg, write_checkpoint_file
 from mmcross.losses import MatchingLoss
 from mmcross.model import Matcher
@@ -94,6 +103,11 @@ def read_run_cfg(run_dir: Path) -> RunCfg | None:
     return from_dict(RunCfg, json.loads(path.read_text())) if path.is_file() else None
 
 
+def model_file_gone(model: str | None) -> bool:
+    """`model` names a JSON config file (no preset of that name) that is no longer there."""
+    return bool(model) and model not in list_presets() and not Path(model).is_file()
+
+
 def resume_config(run_dir: Path, run: RunCfg, deliberate: Collection[str] = ()) -> tuple[RunCfg, dict[str, list]]:
     """The config a resumed run goes on with: its saved config.json with `run`'s `RESUMABLE` fields, and with the
     `TrainCfg` fields named in `deliberate` (given by `--set`: a longer schedule, a fusion phase after the towers).
@@ -119,7 +133,12 @@ def resume_config(run_dir: Path, run: RunCfg, deliberate: Collection[str] = ()) 
         # on a run of dim 128 is no change, against the checkpoint's, which the weights come from
         meta = checkpoint_metadata(run_dir / LAST_CHECKPOINT)
         had = flatten_dotted(to_dict(from_dict(MatcherCfg, json.loads(meta["config"]))))
-        wants = flatten_dotted(to_dict(resolve_cfg(run.model, run.pretrained, run.matcher)))
+        if model_file_gone(run.model):  # a run's JSON model file moved or deleted since: the checkpoint holds the
+            # architecture the run goes on with, and only --set overrides could change it
+            base = from_dict(MatcherCfg, json.loads(meta["config"]))
+            wants = flatten_dotted(to_dict(apply_overrides(base, run.matcher)))
+        else:
+            wants = flatten_dotted(to_dict(resolve_cfg(run.model, run.pretrained, run.matcher)))
         changed = [
             (k, had[k], wants.get(k)) for k in had if k not in ("name", "description") and had[k] != wants.get(k)
         ]
