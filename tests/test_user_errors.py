@@ -131,3 +131,12 @@ def test_a_run_resumes_after_its_model_file_moved(shapes, tmp_path):
     _ok(["train", "--out", str(tmp_path / "run"), "--resume", "--set", "train.max_minutes=60"])
     last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert last["stopped_by"] == "max_steps" and last["max_steps"] == 2
+
+
+def test_a_torn_last_log_line_does_not_block_resume(tmp_path):
+    from mmcross.train.state import truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    truncate_log(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]

@@ -233,5 +233,12 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint being resumed (a run killed between checkpoints)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line a kill tore mid-write: it belongs to no checkpoint
+            continue
+        if entry is not None and entry["step"] <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
