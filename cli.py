@@ -626,6 +626,9 @@ def train(
 
     with user_errors():
         overrides = parse_set_options(set_ or [])
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"--out {out} is the run's folder, but {blocking} is a file")
         result = train_from_config(config, out, overrides, resume=resume, progress=progress and not quiet)
     summary = {
         "run_dir": str(result.run_dir),

@@ -140,3 +140,8 @@ def test_a_torn_last_log_line_does_not_block_resume(tmp_path):
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     truncate_log(log, 2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_train_out_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "log.jsonl").write_text("")
+    _refused(["train", "--out", str(tmp_path / "log.jsonl"), "--set", "model=tiny"], "log.jsonl is a file")
