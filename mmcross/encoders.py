@@ -308,6 +308,11 @@ def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str, str]:
         return pretrained, ""
     if Path(pretrained).expanduser().is_file():
         return model_name, str(Path(pretrained).expanduser())
+    if Path(pretrained).expanduser().is_dir():
+        raise PretrainedUnavailable(
+            f"--pretrained {pretrained} is a folder; a mmcross training run goes to --checkpoint, open_clip weights "
+            "to --pretrained as the file itself"
+        )
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)

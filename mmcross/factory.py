@@ -349,7 +349,8 @@ def _load_checkpoint_ref(ref: ModelRef, device: str | torch.device) -> Matcher:
         want = load_matcher_cfg(ref.model, ref.overrides)
         if architecture(want) != architecture(matcher.cfg):
             raise ValueError(
-                f"--model {ref.model} is {describe(want)}, but checkpoint {path} holds {describe(matcher.cfg)}; "
+                f"--model {ref.model}{' with --set' if ref.overrides else ''} is {describe(want)}, but checkpoint "
+                f"{path} holds {describe(matcher.cfg)}; "
                 "drop --model (a checkpoint holds its own architecture)"
             )
         have = apply_overrides(matcher.cfg, ref.overrides or {}).itc_weight

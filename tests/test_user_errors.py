@@ -145,3 +145,10 @@ def test_a_torn_last_log_line_does_not_block_resume(tmp_path):
 def test_train_out_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "log.jsonl").write_text("")
     _refused(["train", "--out", str(tmp_path / "log.jsonl"), "--set", "model=tiny"], "log.jsonl is a file")
+
+
+def test_a_run_folder_given_to_pretrained_points_to_checkpoint(tmp_path):
+    save_checkpoint(create_matcher("tiny"), tmp_path / "run" / "last.safetensors")
+    _refused(["embed", "-m", "tiny", "--pretrained", str(tmp_path / "run"), "-t", "a"], "goes to --checkpoint")
+    args = ["embed", "--checkpoint", str(tmp_path / "run"), "-m", "tiny", "--set", "fusion.dim=64", "-t", "a"]
+    _refused(args, "--model tiny with --set is")
