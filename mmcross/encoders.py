@@ -438,7 +438,11 @@ def count_tokens(model_name: str, captions: list[str]) -> tuple[list[int], int]:
     _register_configs()
     if open_clip.get_model_config(model_name) is None:
         raise ValueError(f"unknown open_clip architecture {model_name!r}")
-    tokenizer = open_clip.get_tokenizer(model_name)
+    return token_counts(open_clip.get_tokenizer(model_name), captions)
+
+
+def token_counts(tokenizer: Callable, captions: list[str]) -> tuple[list[int], int]:
+    """`count_tokens` with a tokenizer at hand (a built model's `text_encoder.tokenizer`)."""
     context = int(tokenizer.context_length)
     if isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
         return [len(tokenizer.encode(caption)) + 2 for caption in captions], context
@@ -447,9 +451,9 @@ def count_tokens(model_name: str, captions: list[str]) -> tuple[list[int], int]:
     return [len(row) for row in ids], context
 
 
-def longer_than_context(model_name: str, captions: list[str]) -> tuple[int, int]:
-    """(how many of `captions` the tokenizer cuts to fit the context, that context length)."""
-    counts, context = count_tokens(model_name, captions)
+def longer_than_context(tokenizer: Callable, captions: list[str]) -> tuple[int, int]:
+    """(how many of `captions` `tokenizer` cuts to fit its context, that context length)."""
+    counts, context = token_counts(tokenizer, captions)
     return sum(count > context for count in counts), context
 
 

@@ -220,7 +220,7 @@ def score_pairs(
                 text_cells = csv_cells or batch.schema.field(caption_col).metadata == table.JSON_TEXT
                 expanded = expand_captions(batch, caption_col, numbers, text_cells)
                 captions = [c for c in expanded.column(caption_col).to_pylist() if c is not None]
-                cut, report.context = longer_than_context(matcher.cfg.encoder.model_name, captions)
+                cut, report.context = longer_than_context(matcher.text_encoder.tokenizer, captions)
                 report.cut += cut
                 parts = [
                     _scored(matcher, expanded.slice(start, batch_size), image_col, caption_col, root, report.head)

@@ -218,7 +218,7 @@ def explain(
         scores = f"itc {itc:.3f}  itm {itm:.3f}  score {score:.3f}"
         header = f"{caption}\n{untrained}{scores}   ({how}, mean over heads; (share))"
         size = render_heatmap(rgb, words, out, panel=panel, header=header)
-    cut, context = longer_than_context(matcher.cfg.encoder.model_name, [caption])
+    cut, context = longer_than_context(matcher.text_encoder.tokenizer, [caption])
     out = Path(out) if out is not None else None
     return Explanation(itc, itm, score, words, out, size, matcher.head_trained, context if cut else None)
 
