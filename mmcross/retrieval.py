@@ -251,7 +251,10 @@ def read_queries(path: str | Path) -> list[Query]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no queries file {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # invalid UTF-8 becomes U+FFFD (as in every table): one bad byte does not cost the other queries
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"queries file {path} holds no query (one caption a line, or JSONL with text or image)")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         out = []
         for number, line in enumerate(lines, 1):

@@ -237,6 +237,14 @@ def test_captions_the_tokenizer_reads_as_nothing_are_empty_captions(dataset, ckp
     assert "empty query caption" in answered[0]["reject"] and len(answered[1]["hits"]) == 2
     queries.write_text(json.dumps({"text": "a red circle"}) + "\n" + json.dumps({"text": 5}) + "\n")
     _refused(["search", str(tmp_path / "idx"), "--queries", str(queries)], "q.jsonl:2", "must be strings")
+    queries.write_text("\n \n")
+    _refused(["search", str(tmp_path / "idx"), "--queries", str(queries)], "holds no query")
+    lines = tmp_path / "q.txt"
+    lines.write_bytes(b"a red circ\xe9le\na blue square\n")  # one bad byte: replaced, both queries answered
+    answered = json.loads(_ok(["search", str(tmp_path / "idx"), "--queries", str(lines), "--json", "--k", "1"]))
+    assert [a["query"] for a in answered] == ["a red circ\ufffdle", "a blue square"] and all(
+        a["hits"] for a in answered
+    )
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(dataset, tmp_path):
