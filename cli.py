@@ -139,6 +139,7 @@ def embed(
     quiet: bool = _QUIET,
 ) -> None:
     """Embed captions and/or images with the dual encoder: unit vectors, images first, then captions."""
+    from mmcross.data.records import blank_caption
     from mmcross.encode import embed as embed_items
     from mmcross.encode import npy_path
     from mmcross.factory import load_matcher
@@ -148,6 +149,13 @@ def embed(
         raise typer.Exit(2)
     with user_errors():
         _refuse_folders(out=out)
+        # before the model loads (an int8 first run converts the towers for seconds): what cannot be embedded
+        empty = [i for i, caption in enumerate(text or []) if blank_caption(caption)]
+        if empty:
+            raise ValueError(f"empty caption at position(s) {empty}")
+        missing = next((path for path in image or [] if not Path(path).is_file()), None)
+        if missing is not None:
+            raise ValueError(f"cannot read image {missing}: missing file")
         matcher = load_matcher(_ref(model, pretrained, checkpoint, set_), inference=_inference(precision, runtime))
         vectors = embed_items(
             matcher,

@@ -100,3 +100,19 @@ def test_embed_bad_input_is_one_clear_line(args, message):
     result = runner.invoke(app, ["embed", "--model", "tiny", *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_embed_refuses_what_it_cannot_embed_before_loading_a_model(monkeypatch):
+    """An empty caption or a missing image is refused before the model loads (a first int8 run converts for seconds)."""
+    import mmcross.factory
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mmcross.factory, "load_matcher", no_load)
+    for args, message in (
+        (["-t", "a dog", "-t", " "], "empty caption at position(s) [1]"),
+        (["-i", "gone.jpg"], "gone.jpg"),
+    ):
+        result = runner.invoke(app, ["embed", "-m", "tiny", "--precision", "int8", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
