@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmcross.config import DataCfg, InferenceCfg, ModelRef, to_dict
-from mmcross.data.records import NothingReadable, Record, caption_key
+from mmcross.data.records import NothingReadable, Record, Reject, caption_key
 from mmcross.encode import encode_records, encode_texts
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.metrics import DEFAULT_KS, image_to_text_ranks, rank_changes, retrieval_metrics, text_to_image_ranks
@@ -42,6 +42,7 @@ class EncodedSplit:
     records: list[Record]  # N: the records whose image decoded, in `images`' order (ids may repeat)
     rejects: int  # images that could not be decoded (left out with their captions)
     matches: torch.Tensor  # (N, M) bool: caption j is, word for word (`caption_key`), one of image i's captions
+    rejected: list[Reject] = field(default_factory=list)  # their reject records
 
 
 def same_text_matches(captions: Sequence[str], caption_image: torch.Tensor, n_images: int) -> torch.Tensor:
@@ -72,7 +73,9 @@ def encode_split(
     texts = encode_texts(matcher, captions, batch_size=4 * batch_size)
     kept = [records[i] for i in encoded.indices]  # with their image bytes, where the data holds them
     matches = same_text_matches(captions, caption_image, len(kept))
-    return EncodedSplit(encoded.features, texts, caption_image, kept, len(encoded.rejects), matches)
+    return EncodedSplit(
+        encoded.features, texts, caption_image, kept, len(encoded.rejects), matches, list(encoded.rejects)
+    )
 
 
 @torch.no_grad()
@@ -150,10 +153,13 @@ def evaluate(
     workers: int = 0,
     failures: int = 0,
     progress: bool = False,
+    on_rejects: Callable[[list[Reject]], None] | None = None,
 ) -> dict[str, Any]:
     """Recall@K both ways, median ranks and rsum for the dual encoder and after re-ranking its top `k`.
 
     Args:
+        on_rejects: called with the reject records of the images that could not be read (a training run writes
+            them to its rejects.jsonl); the result counts them under "rejects" either way.
         progress: show encoding and re-ranking progress on stderr (off inside a training run, which shows its own).
         failures: also return the this many worst queries of each direction (true match ranked lowest, by the
             re-ranked order when `k` > 0), as `mmcross.report.gallery.Failure` objects under "failures".
@@ -168,6 +174,8 @@ def evaluate(
     start = time.perf_counter()
     try:
         split = encode_split(matcher, records, batch_size=batch_size, workers=workers, progress=progress)
+        if on_rejects is not None and split.rejected:
+            on_rejects(split.rejected)
         similarity = split.images.pooled.float() @ split.texts.pooled.float().T  # (N_img, N_cap)
         metrics = retrieval_metrics(similarity, split.caption_image, ks, split.matches)
         rerank = rerank_effect = None

@@ -152,3 +152,17 @@ def test_a_run_folder_given_to_pretrained_points_to_checkpoint(tmp_path):
     _refused(["embed", "-m", "tiny", "--pretrained", str(tmp_path / "run"), "-t", "a"], "goes to --checkpoint")
     args = ["embed", "--checkpoint", str(tmp_path / "run"), "-m", "tiny", "--set", "fusion.dim=64", "-t", "a"]
     _refused(args, "--model tiny with --set is")
+
+
+def test_a_dev_image_the_run_cannot_read_is_in_its_rejects(tmp_path):
+    """The run's dev evaluation counted unreadable dev images in its log line only; now rejects.jsonl names them."""
+    manifest = make_shapes(tmp_path / "shapes", n_train=16, n_dev=4)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    dev = next(row for row in rows if row["split"] == "dev")
+    (manifest.parent / dev["image"]).write_bytes(b"not a png")
+    args = ["train", "--out", str(tmp_path / "run"), "--set", "model=tiny", "--set", f"train.data={manifest}"]
+    args += ["--set", "train.eval_split=dev", "--set", "train.batch_size=8", "--set", "train.max_steps=2"]
+    summary = json.loads(_ok([*args, "--quiet"]))
+    rejects = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in rejects] == [Path(dev["image"]).name]
+    assert summary["rejects"] == 1

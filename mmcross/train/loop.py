@@ -66,7 +66,7 @@ class FitResult:
     matcher: Matcher | None = None  # the trained model (this process's copy)
     stopped_by: str = "max_steps"  # "max_steps": the whole budget ran; "max_minutes": the safety stop fired first
     loss_curve: Path | None = None  # loss.png in the run directory (`train_from_config`, rank 0)
-    rejects: int = 0  # training images and caption rows that could not be used (rank 0: in RUN_DIR/rejects.jsonl)
+    rejects: int = 0  # training (and dev) images and caption rows that could not be used (RUN_DIR/rejects.jsonl)
     resumed_with: dict[str, list] = field(default_factory=dict)  # train fields --set changed on resume: [was, now]
 
 
@@ -298,6 +298,7 @@ class Run:
     losses: list[dict[str, float]] = field(default_factory=list)
     head_learns: bool = False  # the steps train the match head (ITM loss on, head trainable): counted in head_steps
     phase_start: int = 0  # the step the current phase started at (the towers' `max_steps` in the fusion phase)
+    reject_log: RejectLog | None = None  # rank 0's rejects.jsonl: training and dev images it could not use
     resumed_with: dict[str, list] = field(default_factory=dict)  # train fields --set changed on resume: [was, now]
 
     @property
@@ -452,7 +453,14 @@ def evaluate_and_checkpoint(r: Run, eval_records: list[Record], log_file, final:
     cfg = r.cfg
     if eval_records and ((cfg.eval_every and r.step % cfg.eval_every == 0) or final):
         k = cfg.eval_rerank_k if r.matcher.head_trained else 0  # e.g. itm_weight 0: its head would rank by noise
-        r.last_eval = evaluate(r.matcher, eval_records, k, batch_size=cfg.batch_size, workers=cfg.workers)
+        r.last_eval = evaluate(
+            r.matcher,
+            eval_records,
+            k,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            on_rejects=lambda found: _log_rejects(r.reject_log, found),  # dev images too (written once)
+        )
         if k < cfg.eval_rerank_k:
             r.last_eval["rerank_skipped"] = "untrained head"
         # the dual encoder's rsum: every evaluation has it (a re-ranked one needs a trained head, which a run with
@@ -506,6 +514,7 @@ def fit(
         eval_records = read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split, "train.eval_split")[0]
         eval_records = eval_records[: cfg.eval_max_images]
     rejects = RejectLog(r.run_dir, keep=resume) if r.is_main else None  # every job records what it could not use
+    r.reject_log = rejects
     if cfg.fusion_steps and len(records) < cfg.fusion_batch_size * r.size:  # now, not after all the towers' steps
         raise ValueError(
             f"{len(records)} training images are fewer than one fusion-phase batch: train.fusion_batch_size "
