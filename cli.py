@@ -99,9 +99,14 @@ def _refuse_folders(**outputs: Path | None) -> None:
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"--{option} {path} is a folder; give a file name")
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        blocking = _file_in_the_way(path.parent)
         if blocking is not None:
             raise ValueError(f"--{option} {path}: {blocking} is a file, not a folder")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The existing file at `folder` or above it that would stop the folder from being made, if any."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 @app.command()
@@ -139,9 +144,8 @@ def embed(
     quiet: bool = _QUIET,
 ) -> None:
     """Embed captions and/or images with the dual encoder: unit vectors, images first, then captions."""
-    from mmcross.data.records import blank_caption
     from mmcross.encode import embed as embed_items
-    from mmcross.encode import npy_path
+    from mmcross.encode import npy_path, refuse_empty_captions
     from mmcross.factory import load_matcher
 
     if not text and not image:
@@ -150,9 +154,7 @@ def embed(
     with user_errors():
         _refuse_folders(out=out)
         # before the model loads (an int8 first run converts the towers for seconds): what cannot be embedded
-        empty = [i for i, caption in enumerate(text or []) if blank_caption(caption)]
-        if empty:
-            raise ValueError(f"empty caption at position(s) {empty}")
+        refuse_empty_captions(text or [])
         missing = next((path for path in image or [] if not Path(path).is_file()), None)
         if missing is not None:
             raise ValueError(f"cannot read image {missing}: missing file")
@@ -634,7 +636,7 @@ def train(
 
     with user_errors():
         overrides = parse_set_options(set_ or [])
-        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        blocking = _file_in_the_way(out)
         if blocking is not None:
             raise ValueError(f"--out {out} is the run's folder, but {blocking} is a file")
         result = train_from_config(config, out, overrides, resume=resume, progress=progress and not quiet)

@@ -182,9 +182,7 @@ def encode_texts(
         tokens: keep token states and masks; False keeps `pooled` only (tokens and mask of width 0).
     """
     if not isinstance(captions, torch.Tensor):
-        empty = [i for i, caption in enumerate(captions) if blank_caption(caption)]
-        if empty:
-            raise ValueError(f"empty caption at position(s) {empty}")
+        refuse_empty_captions(captions)
     ids = matcher.tokenize(captions if isinstance(captions, torch.Tensor) else list(captions))  # (N, C)
     padding_mask = getattr(matcher.text_encoder, "padding_mask", None)  # an injected encoder may not say
     order = torch.arange(len(ids))
@@ -209,6 +207,13 @@ def encode_texts(
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     return merged.select(inverse).to(dtype=dtype) if tokens else _rows(merged, inverse).to(dtype=dtype)
+
+
+def refuse_empty_captions(captions: Sequence[str]) -> None:
+    """Raise ValueError naming the positions of captions that hold no words (`blank_caption`)."""
+    empty = [i for i, caption in enumerate(captions) if blank_caption(caption)]
+    if empty:
+        raise ValueError(f"empty caption at position(s) {empty}")
 
 
 def _rows(features: TextFeatures, index: torch.Tensor) -> TextFeatures:

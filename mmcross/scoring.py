@@ -1,9 +1,10 @@
 """Score a table of image-caption pairs, streaming: read a batch of rows, score it, write it, repeat.
 
-The output holds every input row and column, in order, plus `input_row` (the input's 1-based data row),
-`itc` (dual-encoder cosine), `itm` (fusion match probability), `score` (itm + itc_weight * itc) and `reason` (why a
-row has no scores: missing image, unreadable image, empty caption; empty for scored rows; "untrained head" when no
-run trained the fusion head: such rows keep their itc and leave itm and score empty). A caption cell holding a
+The output holds every input row and column, in order, plus `input_row` (a CSV/TSV's 1-based data row, a JSONL's
+line, a Parquet's row), `itc` (dual-encoder cosine), `itm` (fusion match probability), `score` (itm + itc_weight *
+itc) and `reason` (why a row has no scores: missing image, unreadable image, empty caption, a malformed row, which
+keeps only its `input_row`; empty for scored rows; "untrained head" when no run trained the fusion head: such rows
+keep their itc and leave itm and score empty). A caption cell holding a
 list (a `captions` column of a JSONL manifest, a JSON list in a CSV cell) becomes one row per caption, each with its
 input row's `input_row` and other columns. The table is read by `mmcross.data.table` (the reader every command
 uses: delimiter and columns detected, invalid UTF-8 replaced and counted). Memory stays flat in the number of rows.
@@ -38,7 +39,7 @@ class ScoreReport:
     bad: int  # output rows with a reason instead
     image_col: str = ""  # the columns used (named, or detected as `index` detects them)
     caption_col: str = ""
-    stats: ReadStats = field(default_factory=ReadStats)  # invalid UTF-8 replaced, malformed JSONL lines skipped
+    stats: ReadStats = field(default_factory=ReadStats)  # invalid UTF-8 replaced; malformed rows (also written)
     head: bool = True  # itm and score written; False: the head is untrained, rows hold itc and "untrained head"
     with_itc: int = 0  # output rows with an itc (all scored rows, and with an untrained head the rows itc alone)
     cut: int = 0  # captions longer than the model's context, scored on the part that fits

@@ -14,7 +14,8 @@
   when they have no `split` column (the layout `mmcross data convert --to csv` writes).
 
 Every command reads tables here: the dataset reader (`read`: rows grouped into records, for index, eval, train,
-validate, convert) and `read_batches` (every row and column as Arrow record batches, for `score`).
+validate, convert) and `numbered_batches` (every row and column as Arrow record batches of one schema, each row
+with its number in the input, for `score`).
 """
 
 from __future__ import annotations
