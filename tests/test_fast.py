@@ -43,7 +43,9 @@ def fp32():
 
 @pytest.fixture(scope="module")
 def int8():
-    return load_matcher(ModelRef(model="tiny"), inference=InferenceCfg("int8", "onnx"))
+    matcher = load_matcher(ModelRef(model="tiny"), inference=InferenceCfg("int8", "onnx"))
+    fast.load_graphs(matcher)  # the tests below read the graphs from the cache
+    return matcher
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,14 +101,17 @@ def _run_openvino(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(bool(fast.missing_packages("openvino", "int8")), reason="openvino or nncf is not installed")
 def test_openvino_int8_is_its_own_nncf_graph_cached_and_close_to_fp32(tmp_path, monkeypatch, fp32):
-    # the command line first, on an empty cache: NNCF builds both towers, and stdout stays the JSON lines alone
+    # the command line first, on an empty cache: NNCF builds the text tower it needs, and stdout stays the JSON lines
     embed = ["cli.py", "embed", "-m", "tiny", "-t", "a dog", "-t", "a cat", "--precision", "int8"]
     done = _run_openvino([*embed, "--runtime", "openvino", "--quiet"], tmp_path)
     assert [json.loads(line)["text"] for line in done.stdout.splitlines()] == ["a dog", "a cat"]
-    for tower in ("image", "text"):
-        assert f"built the int8 {tower} graph for openvino" in done.stderr
+    assert "built the int8 text graph for openvino" in done.stderr and "image graph" not in done.stderr
     assert "Weight Compression" not in done.stderr  # NNCF's own progress bar: --quiet means none
-    monkeypatch.setenv("MMCROSS_CACHE", str(tmp_path))  # where the subprocess put its graphs
+    # both towers: the image graph is built at its first use, the text graph read from the cache
+    done = _run_openvino(["-c", OPENVINO_CHECK.format(captions=CAPTIONS)], tmp_path)
+    assert "built the int8 image graph for openvino" in done.stderr and "text graph" not in done.stderr
+    assert min(json.loads(done.stdout.strip().splitlines()[-1]).values()) > 0.995
+    monkeypatch.setenv("MMCROSS_CACHE", str(tmp_path))  # where the subprocesses put their graphs
     folder = graph_cache_dir(ModelRef(model="tiny"), fp32)
     names = {p.name for p in folder.iterdir()}
     assert {"image-int8-openvino.xml", "image-int8-openvino.bin", "text-int8-openvino.json"} <= names
@@ -284,3 +289,43 @@ def test_int8_with_the_model_on_a_gpu_names_what_the_user_typed(monkeypatch):
         ValueError, match=r"--precision int8 \(runtime onnx\) runs the encoders on the CPU.*--device cpu"
     ):
         fast.use_inference(matcher, InferenceCfg("int8", "auto"), ModelRef(model="tiny"))
+
+
+@needs_fast
+def test_a_tower_is_converted_when_it_first_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMCROSS_CACHE", str(tmp_path))
+    result = _invoke(["embed", "-m", "tiny", "-t", "a dog", "--runtime", "onnx", "--quiet"])
+    assert "built the fp32 text graph" in result.stderr and "image graph" not in result.stderr  # captions only
+    assert [p.name for p in tmp_path.rglob("*.onnx")] == ["text-fp32.onnx"]
+
+
+@needs_fast
+def test_two_builds_of_one_graph_take_turns_and_the_second_reads_the_first(tmp_path, monkeypatch, fp32, capsys):
+    import threading
+
+    from mmcross.fast import cache
+
+    fingerprint = towers_fingerprint(fp32)
+    source = graph(fp32, "image", "fp32", tmp_path / "source", fingerprint)
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    missed = threading.Event()
+    first_hit = cache._first_hit
+
+    def first_hit_then_tell(*args, **kwargs):
+        hit = first_hit(*args, **kwargs)
+        missed.set()
+        return hit
+
+    monkeypatch.setattr(cache, "_first_hit", first_hit_then_tell)
+    capsys.readouterr()
+    got = []
+    with cache._building(folder, "image-fp32"):  # another process building this graph
+        waiting = threading.Thread(target=lambda: got.append(graph(fp32, "image", "fp32", folder, fingerprint)))
+        waiting.start()
+        assert missed.wait(60)  # it found no graph and now waits for the lock
+        for name in ("image-fp32.onnx", "image-fp32.json"):  # the other build's result appears
+            (folder / name).write_bytes((source.parent / name).read_bytes())
+    waiting.join(60)
+    assert got == [folder / "image-fp32.onnx"]
+    assert "built" not in capsys.readouterr().err  # it read the other build's graph instead of building its own

@@ -57,8 +57,8 @@ def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
     """Run `matcher`'s encoders as `cfg` says; returns the matcher, whose `inference` records what runs.
 
     A runtime whose packages are missing falls back to torch fp32, saying so in one line. Graphs come from (and go
-    to) the folders `mmcross.factory.graph_folders` gives for `ref` (how the model was named). Only open_clip
-    CLIP-style text towers are exported (HF and CoCa towers are refused).
+    to) the folders `mmcross.factory.graph_folders` gives for `ref` (how the model was named), each when its tower
+    first runs (`OnFirstCall`). Only open_clip CLIP-style text towers are exported (HF and CoCa towers are refused).
     """
     cfg = resolve(cfg)
     matcher.image_encoder.runtime = matcher.text_encoder.runtime = None
@@ -87,11 +87,39 @@ def use_inference(matcher, cfg: InferenceCfg, ref: ModelRef):
 
     fingerprint = towers_fingerprint(matcher)
     *read_first, cache_dir = graph_folders(ref, matcher, fingerprint)
-    for tower, encoder in (("image", matcher.image_encoder), ("text", matcher.text_encoder)):
+
+    def session(tower: str):
         if (cfg.precision, cfg.runtime) == ("int8", "openvino"):  # OpenVINO's own int8 (NNCF), not ONNX Runtime's
             path = openvino_int8_graph(matcher, tower, cache_dir, fingerprint, read_first)
         else:
             path = graph(matcher, tower, cfg.precision, cache_dir, fingerprint, read_first)
-        encoder.runtime = open_session(path, cfg.runtime)
+        return open_session(path, cfg.runtime)
+
+    matcher.image_encoder.runtime = OnFirstCall(lambda: session("image"))
+    matcher.text_encoder.runtime = OnFirstCall(lambda: session("text"))
     matcher.inference = cfg
     return matcher
+
+
+class OnFirstCall:
+    """A tower's graph session, built (or read from the cache) and loaded when the tower first runs: a command
+    that encodes captions only (a search of an index) converts no image graph, and one that encodes images only
+    no text graph. `load()` does it now."""
+
+    def __init__(self, open_session):
+        self._open, self._run = open_session, None
+
+    def load(self):
+        if self._run is None:
+            self._run = self._open()
+        return self._run
+
+    def __call__(self, x):
+        return self.load()(x)
+
+
+def load_graphs(matcher) -> None:
+    """Build or read both towers' graphs now (where `use_inference` attached them), not at their first use."""
+    for encoder in (matcher.image_encoder, matcher.text_encoder):
+        if isinstance(encoder.runtime, OnFirstCall):
+            encoder.runtime.load()

@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 FORMAT = "mmcross.graph/2"  # 2: int8 ONNX graphs quantise matrix products only (`export.quantize_int8`)
@@ -91,6 +92,23 @@ def _write_key(folder: Path, name: str, key: dict, path: Path) -> None:
     os.replace(key_tmp, folder / f"{name}.json")  # the key file goes last: a graph without a matching key is unused
 
 
+@contextmanager
+def _building(folder: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder/.{name}.lock` while graph `name` is built into `folder`.
+
+    Two processes that need the same graph take turns, and the second reads the first's. Without it, OpenVINO's
+    `.xml` and `.bin` (two renames) could end up one from each build. No lock where `fcntl` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def graph(
     matcher, tower: str, precision: str, folder: str | Path, fingerprint: str, read_first: Sequence[Path] = ()
 ) -> Path:
@@ -111,18 +129,22 @@ def graph(
     folder.mkdir(parents=True, exist_ok=True)
     # an int8 graph is made from the fp32 one, which says its own seconds: the note below counts this step only
     fp32 = graph(matcher, tower, "fp32", folder, fingerprint, read_first) if precision != "fp32" else None
-    start = time.perf_counter()
-    tmp = folder / f".{name}.{os.getpid()}.onnx"
-    try:
-        if fp32 is None:
-            export_tower(matcher, tower, tmp)
-        else:
-            quantize_int8(fp32, tmp)
-        path = folder / f"{name}.onnx"
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _write_key(folder, name, key, path)
+    with _building(folder, name):
+        hit = cached(folder, name, key)  # built by another process while this one waited
+        if hit is not None:
+            return hit
+        start = time.perf_counter()
+        tmp = folder / f".{name}.{os.getpid()}.onnx"
+        try:
+            if fp32 is None:
+                export_tower(matcher, tower, tmp)
+            else:
+                quantize_int8(fp32, tmp)
+            path = folder / f"{name}.onnx"
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _write_key(folder, name, key, path)
     note(f"built the {precision} {tower} graph in {time.perf_counter() - start:.1f}s -> {path} (cached)", once=False)
     return path
 
@@ -146,17 +168,21 @@ def openvino_int8_graph(
         return hit
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = graph(matcher, tower, "fp32", folder, fingerprint, read_first)  # says its own seconds
-    start = time.perf_counter()
-    tmp = folder / f".{name}.{os.getpid()}.xml"
-    path = folder / f"{name}.xml"
-    try:
-        compress_int8_openvino(fp32, tmp)
-        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))  # the weights first, then the graph naming them
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".bin").unlink(missing_ok=True)
-    _write_key(folder, name, key, path)
+    with _building(folder, name):
+        hit = cached(folder, name, key, ".xml")  # built by another process while this one waited
+        if hit is not None:
+            return hit
+        start = time.perf_counter()
+        tmp = folder / f".{name}.{os.getpid()}.xml"
+        path = folder / f"{name}.xml"
+        try:
+            compress_int8_openvino(fp32, tmp)
+            os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))  # the weights first, then the graph
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            tmp.with_suffix(".bin").unlink(missing_ok=True)
+        _write_key(folder, name, key, path)
     seconds = time.perf_counter() - start
     note(f"built the int8 {tower} graph for openvino in {seconds:.1f}s -> {path} (cached)", once=False)
     return path
