@@ -680,6 +680,11 @@ def test_resume_keeps_the_runs_settings_and_refuses_others(shapes, tmp_path):
     state = json.loads((run_dir / "state.json").read_text())
     assert {g["initial_lr"] for g in state["param_groups"]} == {0.01}
     assert {g["weight_decay"] for g in state["param_groups"]} == {0.0, 0.3}  # no decay on biases and norms
+    # a finished run takes no step with a change: refused, config.json left saying what its steps were taken with
+    saved = (run_dir / "config.json").read_text()
+    with pytest.raises(ValueError, match="train.lr changed: it has taken all 5 of its steps"):
+        train_from_config(None, run_dir, {"train.lr": "0.02"}, resume=True, progress=False)
+    assert (run_dir / "config.json").read_text() == saved
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_without_resume(shapes, tmp_path):

@@ -382,6 +382,13 @@ def start_run(run: RunCfg, run_dir: Path, resume: bool, deliberate: Collection[s
             raise ValueError(
                 f"cannot resume {run_dir}: {LAST_CHECKPOINT} is of step {saved} but {STATE_JSON} of step {state.step}"
             )
+        total = cfg.max_steps + cfg.fusion_steps
+        if asked and state.step >= total:  # else config.json would say the run's steps were taken with them
+            changed = ", ".join(f"train.{name}" for name in asked)
+            raise ValueError(
+                f"cannot resume {run_dir} with {changed} changed: it has taken all {total} of its steps, so none "
+                f"would use the change; give a longer schedule (--set train.max_steps=N or train.fusion_steps=N)"
+            )
         truncate_log(run_dir / LOG_FILE, state.step)
         if rank == 0 and read_run_cfg(run_dir) != run:  # only when something changed, and only once it loaded
             (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(run), indent=2) + "\n")
