@@ -160,6 +160,8 @@ class TrainCfg:
     neighbour_batches: int = 0  # with the feature cache (the fusion phase, or trainable = "fusion"): batches of
     # neighbourhoods, each drawn image with this many images drawn from its 16 nearest (frozen image embeddings), so
     # the ITM's in-batch negatives are the look-alikes a re-rank must tell apart; 0 = random batches
+    paraphrase_cosine: float = 0.0  # with the feature cache: a caption whose frozen text embedding is at least this
+    # cosine from one of image i's own captions counts as true of image i (a paraphrase), never its negative; 0 = off
     itm_rank_weight: float = 0.0  # ITM also ranks: softplus(negative - positive logit) per drawn negative and its
     # anchor, the order re-ranking needs (`mmcross.losses.itm_loss`)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off

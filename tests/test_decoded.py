@@ -337,3 +337,46 @@ def test_training_records_unreadable_images_and_goes_on(tmp_path):
     assert result.step == 3
     rejects = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 1 and rejects[0]["path"].endswith("003.png")
+
+
+def test_paraphrase_matches_equal_a_naive_loop():
+    from mmcross.train.plan import paraphrase_matches
+
+    torch.manual_seed(0)
+    unit = F.normalize(torch.randn(20, 6), dim=-1)
+    first, counts = torch.tensor([0, 3, 4, 9, 12]), torch.tensor([3, 1, 5, 3, 2])  # images' caption ranges
+    cap = torch.tensor([1, 3, 7, 10, 13])  # one drawn caption per row
+    got = paraphrase_matches(unit, first, counts, cap, 0.3)
+    for i in range(5):
+        for j in range(5):
+            best = max(float(unit[c] @ unit[cap[j]]) for c in range(first[i], first[i] + counts[i]))
+            assert bool(got[i, j]) == (best >= 0.3), (i, j)
+    assert got.diagonal().all()  # a row's own caption is its own paraphrase
+
+
+def test_paraphrases_are_no_negatives_in_feature_cache_batches(tmp_path):
+    from mmcross.factory import create_matcher
+    from mmcross.train.loop import check_cfg, read_records
+    from mmcross.train.plan import BatchSource, paraphrase_matches
+
+    manifest = make_shapes(tmp_path / "shapes", n_train=12, n_dev=2)
+    sets = {"batch_size": "6", "trainable": "fusion", "feature_cache": "true", "itc_weight": "0"}
+    run = short_run(manifest, **sets, paraphrase_cosine="0.9")
+    records, _ = read_records(str(manifest), "auto", "train")
+    matcher = create_matcher("tiny")
+    source = BatchSource(matcher, records, run.train, 0, 1, {}, {})
+    batch = next(source.batches(0, 1))
+    plain = BatchSource(matcher, records, short_run(manifest, **sets).train, 0, 1, {}, {})
+    before = next(plain.batches(0, 1)).known  # the same rows and captions: the plan does not depend on the option
+    cache = source.cache
+    _, images, captions = source.plan.micro_batch(0, 0)
+    idx = torch.tensor(images)
+    cap = cache.first_caption[idx] + torch.tensor(captions)
+    counts = torch.tensor([len(records[i].captions) for i in images])
+    unit = F.normalize(cache.texts.pooled.float(), dim=-1)
+    near = paraphrase_matches(unit, cache.first_caption[idx], counts, cap, 0.9)
+    assert torch.equal(batch.known, before | near)
+    assert (near & ~before).any()  # random-init towers: captions of other images do pass 0.9 here
+    for value, message in (("1.5", r"paraphrase_cosine is a cosine in \[0, 1\]"), ("0.5", "needs train.fusion_steps")):
+        with pytest.raises(ValueError, match=message):
+            check_cfg(short_run(manifest, paraphrase_cosine=value).train)

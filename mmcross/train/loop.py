@@ -216,6 +216,13 @@ def check_cfg(cfg: TrainCfg) -> None:
             "train.neighbour_batches builds batches from the feature cache: it needs train.fusion_steps "
             "or train.feature_cache"
         )
+    if not 0.0 <= cfg.paraphrase_cosine <= 1.0:
+        raise ValueError(f"train.paraphrase_cosine is a cosine in [0, 1] (0 = off), not {cfg.paraphrase_cosine}")
+    if cfg.paraphrase_cosine > 0 and not (cfg.feature_cache or cfg.fusion_steps):
+        raise ValueError(
+            "train.paraphrase_cosine compares captions' embeddings in the feature cache: it needs "
+            "train.fusion_steps or train.feature_cache"
+        )
     if cfg.neighbour_batches > NEIGHBOUR_POOL:
         raise ValueError(
             f"train.neighbour_batches draws from each image's {NEIGHBOUR_POOL} nearest: at most "

@@ -238,6 +238,24 @@ def known_matches(
     )
 
 
+def paraphrase_matches(
+    unit_texts: torch.Tensor, first_caption: torch.Tensor, counts: torch.Tensor, cap: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """(B, B) bool: caption `cap[j]` is within `threshold` cosine of one of row i's own captions (a paraphrase).
+
+    Args:
+        unit_texts: (N_cap, E) unit caption embeddings of the feature cache.
+        first_caption: (B,) index in `unit_texts` of each row's image's first caption.
+        counts: (B,) how many captions each row's image has.
+        cap: (B,) index in `unit_texts` of the caption drawn for each row.
+        threshold: the cosine from which two captions count as saying the same.
+    """
+    k = torch.arange(int(counts.max()))
+    own = first_caption[:, None] + torch.minimum(k[None, :], counts[:, None] - 1)  # (B, K), padded by repeats
+    cosine = torch.einsum("bke,je->bkj", unit_texts[own], unit_texts[cap])  # (B, K, B)
+    return cosine.amax(dim=1) >= threshold
+
+
 def dataset_pairs(matcher: Matcher, records: Sequence[Record], captions: Sequence[str], negative_of):
     """Every caption of each image that has a swapped negative, and that negative, as labelled ITM pairs: the
     binding signal, which the one drawn caption per image would give a third as often (one encoded image, 2n pairs).
@@ -397,6 +415,9 @@ class BatchSource:
         self.cache = build_feature_cache(matcher, records, cfg) if cfg.feature_cache else None
         if self.cache is not None:
             self.rejects = list(self.cache.rejects)
+        self.unit_texts = None  # the cache's caption embeddings as unit vectors, for `train.paraphrase_cosine`
+        if self.cache is not None and cfg.paraphrase_cosine > 0:
+            self.unit_texts = torch.nn.functional.normalize(self.cache.texts.pooled.float(), dim=-1)
         self.decoded = decode_cache(matcher, records, cfg, rank, size)
         if self.decoded is not None:
             self.rejects = self.decoded.rejects
@@ -441,7 +462,13 @@ class BatchSource:
             dev = self.matcher.device
             rows = [records[i] for i in idx.tolist()]
             drawn = [cache.captions[c] for c in cap.tolist()]
-            known = known_matches(rows, drawn, self.also_true).to(dev)
+            known = known_matches(rows, drawn, self.also_true)
+            if self.unit_texts is not None:
+                counts = torch.tensor([len(r.captions) for r in rows])
+                known |= paraphrase_matches(
+                    self.unit_texts, cache.first_caption[idx], counts, cap, self.cfg.paraphrase_cosine
+                )
+            known = known.to(dev)
             yield MicroBatch(cache.images.select(idx).to(dev), cache.texts.select(cap).to(dev), len(idx), None, known)
             m += 1
 
