@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,13 +203,17 @@ def numbered_batches(
     if kind == "jsonl":
         yield from _jsonl_numbered(path, stats, batch_size)
         return
-    ragged = _ragged_rows(path) if kind in ("csv", "tsv") else {}
+    ragged: dict[int, str] = {}  # filled by Arrow's CSV reader as it skips rows, each before the batch after it
+    if kind == "parquet":
+        batches = read_batches(path, stats, batch_size=batch_size)
+    else:
+        batches = _csv_batches(path, stats, batch_size, None, ragged.__setitem__)
     number, schema = 0, None
-    for batch in read_batches(path, stats, batch_size=batch_size):
+    for batch in batches:
         schema, numbers, skipped = batch.schema, [], []
         for _ in range(batch.num_rows):
             number += 1
-            while number in ragged:  # a row Arrow skipped (`_csv_batches`) keeps its number
+            while number in ragged:  # a skipped row keeps its number
                 skipped.append(Malformed(number, ragged.pop(number)))
                 number += 1
             numbers.append(number)
@@ -218,24 +222,6 @@ def numbered_batches(
         names = schema.names if schema is not None else header(path)[0]
         empty = pa.RecordBatch.from_arrays([pa.array([], pa.string()) for _ in names], names=names)
         yield empty, [], [Malformed(n, reason) for n, reason in sorted(ragged.items())]
-
-
-def _ragged_rows(path: Path) -> dict[int, str]:
-    """{data row: reason} of the CSV rows whose field count is not the header's (by Python's csv module, which
-    sees the same rows as Arrow's reader; that one skips them without saying where they were)."""
-    names, delimiter = header(path)
-    found = {}
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        rows = csv.reader(handle, delimiter=delimiter)
-        next(rows, None)
-        number = 0
-        for fields in rows:
-            if not fields:
-                continue  # a blank line: Arrow skips it too
-            number += 1
-            if len(fields) != len(names):
-                found[number] = f"malformed row ({len(fields)} fields, the header has {len(names)})"
-    return found
 
 
 def _kind(value: object) -> str:
@@ -314,15 +300,29 @@ def _jsonl_numbered(
         yield pa.RecordBatch.from_pylist(rows, schema=schema), numbers, malformed
 
 
-def _csv_batches(path: Path, stats: ReadStats, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+def _csv_batches(
+    path: Path,
+    stats: ReadStats,
+    batch_size: int,
+    columns: list[str] | None,
+    on_malformed: Callable[[int, str], object] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """`read_batches` for CSV/TSV; `on_malformed(data row, reason)` hears of each row skipped for its field count
+    (numbered as `numbered_batches` numbers rows), before the batch that follows it."""
     import pyarrow.csv as pcsv
 
     names, delimiter = header(path)
 
-    def malformed(row) -> str:  # Arrow does not say where the row is; its text does
+    def malformed(row) -> str:
+        reason = f"malformed row ({row.actual_columns} fields, the header has {len(names)})"
         text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
-        reason = f"malformed row ({row.actual_columns} fields, the header has {len(names)}): {text}"
-        stats.reject(path, reason, kind="record")
+        stats.reject(path, f"{reason}: {text}", kind="record")
+        if on_malformed is not None:
+            # Arrow's physical row number counts the header as row 1 and skips blank lines, as our numbers do
+            # (a quoted cell's line breaks stay inside its row); it is known because the reader runs serially
+            if row.number is None or row.number < 2:
+                raise RuntimeError(f"{path}: pyarrow gave no row number for a malformed row ({text})")
+            on_malformed(row.number - 1, reason)
         return "skip"
 
     reader = pcsv.open_csv(
