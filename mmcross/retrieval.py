@@ -245,7 +245,10 @@ def short_path(path: str | None, root: str | Path) -> str:
 
 
 def read_queries(path: str | Path) -> list[Query]:
-    """Queries from a file: JSONL objects with "text" or "image" (a path), else one caption per line."""
+    """Queries from a file: JSONL objects with "text" or "image" (a path), else one caption per line.
+
+    JSONL by its suffix (`.jsonl`, `.ndjson`) or, under any other name, when its first line is such an object (a
+    `queries.txt` of JSON lines would otherwise search for the JSON text itself)."""
     import json
 
     path = Path(path)
@@ -255,7 +258,7 @@ def read_queries(path: str | Path) -> list[Query]:
     lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"queries file {path} holds no query (one caption a line, or JSONL with text or image)")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
+    if path.suffix.lower() in (".jsonl", ".ndjson") or _query_object(lines[0]):
         out = []
         for number, line in enumerate(lines, 1):
             try:
@@ -272,6 +275,19 @@ def read_queries(path: str | Path) -> list[Query]:
             out.append(Query(text=obj.get("text"), image=image))
         return out
     return [Query(text=line.strip()) for line in lines]
+
+
+def _query_object(line: str) -> bool:
+    """Whether a line is a JSON query object ({"text": ...} or {"image": ...})."""
+    import json
+
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and ("text" in obj or "image" in obj)
 
 
 def index_model(index_dir: str | Path, ref: ModelRef | None = None, overrides: dict | None = None) -> ModelRef:

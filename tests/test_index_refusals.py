@@ -140,12 +140,26 @@ def test_unreadable_query_image_is_rejected_and_the_rest_answered(clean, dataset
     assert "missing.jpg" in answers[1]["reject"] and "broken.jpg" in answers[2]["reject"]
     assert "reject: query 2" in result.stderr and "reject: query 3" in result.stderr
     assert "reject" not in answers[0] and "reject: query 1" not in result.stderr
+    as_text = tmp_path / "q.txt"  # JSON lines under another suffix: told by their content
+    as_text.write_text(queries.read_text())
+    assert json.loads(invoke(["search", clean, "--queries", as_text, "--k", "2", "--json"]).stdout) == answers
     table = invoke(["search", clean, "--queries", queries, "--k", "2", "--html", tmp_path / "q.html"])
     assert "img003.jpg" in table.stdout and "reject: query 3" in table.stderr
     assert (tmp_path / "q.html").read_text().count("not searched: ") == 2
     queries.write_text(json.dumps({"image": "missing.jpg"}) + "\n")
     nothing = invoke(["search", clean, "--queries", queries], code=1)
     assert "no query could be searched" in nothing.stderr
+
+
+def test_a_caption_that_only_looks_like_json_is_a_caption(tmp_path):
+    from mmcross.retrieval import Query, read_queries
+
+    queries = tmp_path / "q.txt"
+    queries.write_text('{braces} around a word\n{"caption": "not a query object"}\n')
+    assert read_queries(queries) == [
+        Query(text="{braces} around a word"),
+        Query(text='{"caption": "not a query object"}'),
+    ]
 
 
 def test_search_table_shows_whole_paths_relative_to_the_dataset(tmp_path):
