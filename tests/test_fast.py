@@ -141,7 +141,11 @@ def test_graph_cache_reused_then_rebuilt_when_stale_or_damaged(fp32, int8, capsy
     key_path = path.with_suffix(".json")
     key = json.loads(key_path.read_text())
     assert key["fingerprint"] == fingerprint and key["preset"] == "tiny" and key["image_size"] == [64, 64]
-    assert set(key["versions"]) == {"torch", "onnx", "onnxscript", "onnxruntime"}
+    assert set(key["versions"]) == {"torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime"}
+
+    key_path.write_text(json.dumps({**key, "code": "0" * 16}))  # exported by another mmcross
+    graph(fp32, "image", "int8", folder, fingerprint)
+    assert "built the int8 image graph" in capsys.readouterr().err
 
     key_path.write_text(json.dumps({**key, "versions": {**key["versions"], "onnxruntime": "0.0"}}))
     graph(fp32, "image", "int8", folder, fingerprint)

@@ -2,7 +2,8 @@
 
 A graph `{tower}-{precision}.onnx` sits in a cache folder (next to the weights it came from, see
 `mmcross.factory.graph_folders`) with `{tower}-{precision}.json` beside it: the towers' weights fingerprint, preset,
-architecture, image size, token stage, the versions of the exporter and quantiser, and the graph's sha256. A graph
+architecture, image size, token stage, the versions of torch, open_clip, the exporter and quantiser, a hash of the
+mmcross code the graph is traced from, and the graph's sha256. A graph
 is used only when every field matches and the file's hash is the recorded one; otherwise (other weights, another
 version, a truncated or foreign file) it is rebuilt. ONNX files hold tensors and a graph, no Python objects:
 nothing unpickles.
@@ -25,7 +26,10 @@ from pathlib import Path
 FORMAT = "mmcross.graph/2"  # 2: int8 ONNX graphs quantise matrix products only (`export.quantize_int8`)
 
 
-ONNX_TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime")
+ONNX_TOOLS = ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime")
+# the code a graph is traced from: the towers' forward and the export wrappers (FORMAT is bumped by hand; this
+# catches an edit that forgot to)
+_TRACED = ("encoders.py", "fast/export.py")
 OPENVINO_TOOLS = (*ONNX_TOOLS, "openvino", "nncf")
 
 
@@ -34,6 +38,15 @@ def versions(tools: tuple[str, ...] = ONNX_TOOLS) -> dict[str, str]:
     from importlib.metadata import version
 
     return {name: version(name) for name in tools}
+
+
+def code_hash() -> str:
+    """sha256 (16 hex digits) of the mmcross sources a graph is traced from."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in _TRACED:
+        h.update((root / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def key_of(matcher, tower: str, precision: str, fingerprint: str, tools: tuple[str, ...] = ONNX_TOOLS) -> dict:
@@ -48,6 +61,7 @@ def key_of(matcher, tower: str, precision: str, fingerprint: str, tools: tuple[s
         "image_size": list(matcher.image_encoder.image_size),
         "token_stage": matcher.image_encoder.token_stage,  # which map the image graph returns as tokens
         "versions": versions(tools),
+        "code": code_hash(),
     }
 
 
