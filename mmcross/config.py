@@ -162,6 +162,9 @@ class TrainCfg:
     # the ITM's in-batch negatives are the look-alikes a re-rank must tell apart; 0 = random batches
     paraphrase_cosine: float = 0.0  # with the feature cache: a caption whose frozen text embedding is at least this
     # cosine from one of image i's own captions counts as true of image i (a paraphrase), never its negative; 0 = off
+    paraphrase_share: float = 0.0  # instead of `paraphrase_cosine`: the cosine is set so this share of the pairs of
+    # an image and another image's caption in the run's first 32 batches count as paraphrases (it carries across text
+    # towers, whose cosines differ); the run's log says the cosine it chose; 0 = off
     itm_rank_weight: float = 0.0  # ITM also ranks: softplus(negative - positive logit) per drawn negative and its
     # anchor, the order re-ranking needs (`mmcross.losses.itm_loss`)
     vse_weight: float = 0.0  # weight of the VSE++ max-violation triplet loss (MMCA's loss); 0 = off

@@ -380,3 +380,51 @@ def test_paraphrases_are_no_negatives_in_feature_cache_batches(tmp_path):
     for value, message in (("1.5", r"paraphrase_cosine is a cosine in \[0, 1\]"), ("0.5", "needs train.fusion_steps")):
         with pytest.raises(ValueError, match=message):
             check_cfg(short_run(manifest, paraphrase_cosine=value).train)
+    for fields, message in (
+        ({"paraphrase_share": "1.0"}, r"paraphrase_share is a share of pairs in \[0, 1\)"),
+        ({"paraphrase_share": "0.1"}, "paraphrase_share compares captions' embeddings in the feature cache"),
+        ({**sets, "paraphrase_share": "0.1", "paraphrase_cosine": "0.5"}, "not both"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_cfg(short_run(manifest, **fields).train)
+
+
+def test_paraphrase_share_sets_the_cosine_that_marks_that_share_of_the_batches_pairs(tmp_path):
+    """`train.paraphrase_share`: the cosine is the (1 - share) quantile of the (image, another image's caption)
+    cosines in the run's first 32 batches, computed here by loops, and the mask then uses it; the log says which."""
+    from mmcross.factory import create_matcher
+    from mmcross.train.loop import read_records
+    from mmcross.train.plan import BatchSource, paraphrase_matches
+
+    manifest = make_shapes(tmp_path / "shapes", n_train=12, n_dev=2)
+    sets = {"batch_size": "6", "trainable": "fusion", "feature_cache": "true", "itc_weight": "0"}
+    records, _ = read_records(str(manifest), "auto", "train")
+    matcher = create_matcher("tiny")
+    source = BatchSource(matcher, records, short_run(manifest, **sets, paraphrase_share="0.2").train, 0, 1, {}, {})
+    cache = source.cache
+    unit = F.normalize(cache.texts.pooled.float(), dim=-1)
+    pairs = []
+    for m in range(32):
+        _, images, captions = source.plan.micro_batch(m, 0)
+        for i in images:
+            own = range(int(cache.first_caption[i]), int(cache.first_caption[i]) + len(records[i].captions))
+            for j, c in zip(images, captions):
+                if j != i:
+                    drawn = int(cache.first_caption[j]) + c
+                    pairs.append(max(float(unit[o] @ unit[drawn]) for o in own))
+    expected = float(np.quantile(pairs, 0.8))
+    assert source.paraphrase_cosine == pytest.approx(expected, abs=1e-5)
+    assert 0.15 <= np.mean(np.array(pairs) >= source.paraphrase_cosine) <= 0.25
+    plain = BatchSource(matcher, records, short_run(manifest, **sets).train, 0, 1, {}, {})
+    _, images, captions = source.plan.micro_batch(0, 0)
+    idx = torch.tensor(images)
+    counts = torch.tensor([len(records[i].captions) for i in images])
+    near = paraphrase_matches(
+        unit, cache.first_caption[idx], counts, cache.first_caption[idx] + torch.tensor(captions), expected
+    )
+    assert torch.equal(next(source.batches(0, 1)).known, next(plain.batches(0, 1)).known | near)
+
+    run = fit(short_run(manifest, **sets, paraphrase_share="0.2", max_steps="2"), tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    chosen = [x for x in lines if "paraphrase_share" in x]
+    assert chosen == [{"step": 0, "paraphrase_share": 0.2, "paraphrase_cosine": source.paraphrase_cosine}]

@@ -597,6 +597,9 @@ def test_gpu_finetune_config_runs_its_recipe_through_the_cli_on_the_tiny_model(s
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     evals = [e["eval"] for e in lines if "eval" in e]
     assert evals[0]["rerank_skipped"] == "untrained head" and evals[-1]["rerank_metrics"]
+    chosen = [e for e in lines if "paraphrase_share" in e]  # the mask as a share: the cosine it chose, at the phase
+    assert [(e["step"], e["paraphrase_share"]) for e in chosen] == [(2, 0.03)]
+    assert -1.0 <= chosen[0]["paraphrase_cosine"] <= 1.0
     start = load_matcher(load_run_cfg(str(config), small).model_ref()).state_dict()
     end = load_checkpoint(tmp_path / "run" / "last.safetensors").state_dict()
     for tower in ("image_encoder.visual.transformer", "text_encoder.transformer"):

@@ -5,7 +5,9 @@ A run directory holds:
     config.json          the resolved `RunCfg` (after YAML and `--set`)
     loss.png             the loss curve of log.jsonl (`train_from_config`)
     log.jsonl            one line per `log_every` steps: step, epoch, loss and each term, lr, temperature,
-                         samples/s, elapsed seconds; and one line per dev evaluation ({"step", "eval": {...}})
+                         samples/s, elapsed seconds; one line per dev evaluation ({"step", "eval": {...}}); the
+                         cosine `paraphrase_share` chose ({"step", "paraphrase_share", "paraphrase_cosine"}); a last
+                         line with the steps done and `stopped_by`
     last.safetensors     the matcher at the latest checkpoint (`mmcross.factory` format, `step` in its metadata)
     best.safetensors     the matcher with the best dev rsum (re-ranked when `eval_rerank_k` > 0)
     state.safetensors    optimiser tensors, the ITC temperature and RNG states (no pickle anywhere)

@@ -218,11 +218,16 @@ def check_cfg(cfg: TrainCfg) -> None:
         )
     if not 0.0 <= cfg.paraphrase_cosine <= 1.0:
         raise ValueError(f"train.paraphrase_cosine is a cosine in [0, 1] (0 = off), not {cfg.paraphrase_cosine}")
-    if cfg.paraphrase_cosine > 0 and not (cfg.feature_cache or cfg.fusion_steps):
-        raise ValueError(
-            "train.paraphrase_cosine compares captions' embeddings in the feature cache: it needs "
-            "train.fusion_steps or train.feature_cache"
-        )
+    if not 0.0 <= cfg.paraphrase_share < 1.0:
+        raise ValueError(f"train.paraphrase_share is a share of pairs in [0, 1) (0 = off), not {cfg.paraphrase_share}")
+    if cfg.paraphrase_cosine > 0 and cfg.paraphrase_share > 0:
+        raise ValueError("give train.paraphrase_cosine or train.paraphrase_share, not both (the share sets the cosine)")
+    for name in ("paraphrase_cosine", "paraphrase_share"):
+        if getattr(cfg, name) > 0 and not (cfg.feature_cache or cfg.fusion_steps):
+            raise ValueError(
+                f"train.{name} compares captions' embeddings in the feature cache: it needs "
+                "train.fusion_steps or train.feature_cache"
+            )
     if cfg.neighbour_batches > NEIGHBOUR_POOL:
         raise ValueError(
             f"train.neighbour_batches draws from each image's {NEIGHBOUR_POOL} nearest: at most "
@@ -555,6 +560,14 @@ def fit(
                     _log_rejects(rejects, err.rejects)
                     raise
                 _log_new_rejects(rejects, source, logged, r.size)  # the decode or feature cache's, first
+                if log_file and cfg.paraphrase_share > 0 and source.unit_texts is not None:
+                    chosen = {"paraphrase_share": cfg.paraphrase_share, "paraphrase_cosine": source.paraphrase_cosine}
+                    log_file.write(json.dumps({"step": r.step, **chosen}) + "\n")
+                    log.info(
+                        "paraphrases: cosine %.4f marks %.3g of the batches' pairs",
+                        source.paraphrase_cosine,
+                        cfg.paraphrase_share,
+                    )
                 done = (r.step - r.phase_start) * r.cfg.accum_steps
                 batches = source.batches(done, (r.cfg.max_steps - r.step + r.phase_start) * r.cfg.accum_steps)
                 window = {"samples": 0.0, "start": time.perf_counter()}

@@ -238,22 +238,46 @@ def known_matches(
     )
 
 
-def paraphrase_matches(
-    unit_texts: torch.Tensor, first_caption: torch.Tensor, counts: torch.Tensor, cap: torch.Tensor, threshold: float
+def paraphrase_cosines(
+    unit_texts: torch.Tensor, first_caption: torch.Tensor, counts: torch.Tensor, cap: torch.Tensor
 ) -> torch.Tensor:
-    """(B, B) bool: caption `cap[j]` is within `threshold` cosine of one of row i's own captions (a paraphrase).
+    """(B, B): the cosine of caption `cap[j]` to the nearest of row i's own captions.
 
     Args:
         unit_texts: (N_cap, E) unit caption embeddings of the feature cache.
         first_caption: (B,) index in `unit_texts` of each row's image's first caption.
         counts: (B,) how many captions each row's image has.
         cap: (B,) index in `unit_texts` of the caption drawn for each row.
-        threshold: the cosine from which two captions count as saying the same.
     """
     k = torch.arange(int(counts.max()))
     own = first_caption[:, None] + torch.minimum(k[None, :], counts[:, None] - 1)  # (B, K), padded by repeats
-    cosine = torch.einsum("bke,je->bkj", unit_texts[own], unit_texts[cap])  # (B, K, B)
-    return cosine.amax(dim=1) >= threshold
+    return torch.einsum("bke,je->bkj", unit_texts[own], unit_texts[cap]).amax(dim=1)  # (B, B)
+
+
+def paraphrase_matches(
+    unit_texts: torch.Tensor, first_caption: torch.Tensor, counts: torch.Tensor, cap: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """(B, B) bool: caption `cap[j]` is within `threshold` cosine of one of row i's own captions (a paraphrase);
+    arguments as `paraphrase_cosines`."""
+    return paraphrase_cosines(unit_texts, first_caption, counts, cap) >= threshold
+
+
+def paraphrase_threshold(
+    cache: FeatureCache, unit_texts: torch.Tensor, counts: torch.Tensor, plan, share: float, batches: int = 32
+) -> float:
+    """The cosine above which `share` of the (image, another image's drawn caption) pairs lie in the first
+    `batches` micro-batches of `plan` (rank 0's: every rank computes the same value), so the paraphrase mask marks
+    about that share of the pairs training meets, whatever the text tower's cosines look like. `counts`: (N,)
+    captions of each training image."""
+    found = []
+    for m in range(batches):
+        _, images, captions = plan.micro_batch(m, 0)
+        keep = [k for k, i in enumerate(images) if cache.good[i]]
+        idx = torch.tensor([images[k] for k in keep], dtype=torch.long)
+        cap = cache.first_caption[idx] + torch.tensor([captions[k] for k in keep], dtype=torch.long)
+        cosine = paraphrase_cosines(unit_texts, cache.first_caption[idx], counts[idx], cap)
+        found.append(cosine[idx[:, None] != idx[None, :]])
+    return float(np.quantile(torch.cat(found).numpy(), 1.0 - share))
 
 
 def dataset_pairs(matcher: Matcher, records: Sequence[Record], captions: Sequence[str], negative_of):
@@ -415,8 +439,9 @@ class BatchSource:
         self.cache = build_feature_cache(matcher, records, cfg) if cfg.feature_cache else None
         if self.cache is not None:
             self.rejects = list(self.cache.rejects)
-        self.unit_texts = None  # the cache's caption embeddings as unit vectors, for `train.paraphrase_cosine`
-        if self.cache is not None and cfg.paraphrase_cosine > 0:
+        self.unit_texts = None  # the cache's caption embeddings as unit vectors, for the paraphrase mask
+        self.paraphrase_cosine = cfg.paraphrase_cosine  # `train.paraphrase_share` sets it below, from the batches
+        if self.cache is not None and (cfg.paraphrase_cosine > 0 or cfg.paraphrase_share > 0):
             self.unit_texts = torch.nn.functional.normalize(self.cache.texts.pooled.float(), dim=-1)
         self.decoded = decode_cache(matcher, records, cfg, rank, size)
         if self.decoded is not None:
@@ -433,6 +458,10 @@ class BatchSource:
             self.plan = NeighbourPlan(nearest, counts, cfg.batch_size, size, cfg.seed, cfg.neighbour_batches)
         else:
             self.plan = EpochPlan(len(records), counts, cfg.batch_size, size, cfg.seed, cfg.captions_per_image)
+        if self.unit_texts is not None and cfg.paraphrase_share > 0:
+            self.paraphrase_cosine = paraphrase_threshold(
+                self.cache, self.unit_texts, torch.tensor(counts), self.plan, cfg.paraphrase_share
+            )
 
     def new_rejects(self) -> list[Reject]:
         """The rejects found since the last call (all of them at the first), for the run's rejects.jsonl."""
@@ -466,7 +495,7 @@ class BatchSource:
             if self.unit_texts is not None:
                 counts = torch.tensor([len(r.captions) for r in rows])
                 known |= paraphrase_matches(
-                    self.unit_texts, cache.first_caption[idx], counts, cap, self.cfg.paraphrase_cosine
+                    self.unit_texts, cache.first_caption[idx], counts, cap, self.paraphrase_cosine
                 )
             known = known.to(dev)
             yield MicroBatch(cache.images.select(idx).to(dev), cache.texts.select(cap).to(dev), len(idx), None, known)
