@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -296,12 +297,16 @@ def typed(value: Any, hint: Any, name: str) -> Any:
         if option is int and number and (isinstance(value, int) or value.is_integer()):
             return int(value)
         if option is float and number:
+            if not math.isfinite(value):
+                raise NotFinite(f"{name}: {value} is not a finite number")
             return float(value)
         if option not in (bool, int, float, str, type(None)):
             return value  # dict, tuple, Any: not checked here
     if isinstance(value, str):
         try:
             return _coerce(value, hint)
+        except NotFinite as err:
+            raise NotFinite(f"{name}: {err}") from None
         except ValueError:
             pass
     kinds = " or ".join(getattr(o, "__name__", str(o)) for o in options)
@@ -311,6 +316,10 @@ def typed(value: Any, hint: Any, name: str) -> Any:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (JSON-serialisable)."""
     return dataclasses.asdict(cfg)
+
+
+class NotFinite(ValueError):
+    """A NaN or infinite number given for a config field."""
 
 
 def _coerce(text: str, hint: Any) -> Any:
@@ -326,9 +335,12 @@ def _coerce(text: str, hint: Any) -> Any:
                 return False
         elif option in (int, float):
             try:
-                return option(text)
+                number = option(text)
             except ValueError:
                 continue
+            if not math.isfinite(number):  # a NaN weight ranks every pair first; inf reaches a loss or a score
+                raise NotFinite(f"{text!r} is not a finite number")
+            return number
         elif option is str:
             return text
     raise ValueError(f"cannot read {text!r} as {hint}")

@@ -620,8 +620,8 @@ def test_gpu_finetune_config_runs_its_recipe_through_the_cli_on_the_tiny_model(s
         ({"decode_cache_max_gb": -1}, "decode_cache_max_gb must be 0 or more"),
         ({"init_temperature": 0}, "init_temperature must be positive"),  # was: ZeroDivisionError
         ({"init_temperature": -0.1}, "init_temperature must be positive"),  # was: math domain error
-        ({"lr": "inf"}, "lr must be a finite number"),
-        ({"itm_rank_weight": "nan"}, "itm_rank_weight must be a finite number"),
+        ({"lr": "inf"}, "train.lr: .inf. is not a finite number"),
+        ({"itm_rank_weight": "nan"}, "itm_rank_weight: .nan. is not a finite number"),
         ({"device": "GPU"}, "train.device is auto, cpu, cuda or cuda:N, not 'GPU'"),  # was: CPU, silently
     ],
 )

@@ -46,6 +46,14 @@ def test_config_values_are_checked_wherever_they_come_from(tmp_path):
     assert apply_overrides(MatcherCfg(), {"itc_weight": 4}).itc_weight == 4.0
     with pytest.raises(ValueError, match=r"^fusion\.dim: cannot read 'abc'"):
         apply_overrides(MatcherCfg(), {"fusion.dim": "abc"})  # a --set value names its key too
+    for value in ("nan", "inf", float("nan"), float("-inf")):  # a NaN weight ranked every candidate first
+        with pytest.raises(ValueError, match="itc_weight: .*is not a finite number"):
+            apply_overrides(MatcherCfg(), {"itc_weight": value})
+    nan = tmp_path / "nan.yaml"
+    nan.write_text(f"model: tiny\nmatcher:\n  itc_weight: .nan\ntrain:\n  data: {tmp_path}\n")
+    _refused(["train", "--config", str(nan), "--out", str(tmp_path / "nan")], "itc_weight: nan is not a finite")
+    assert not (tmp_path / "nan").exists()
+    _refused(["embed", "-t", "a dog", "-m", "tiny", "--set", "itc_weight=nan"], "itc_weight: 'nan' is not a finite")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\nbogus: [\n")
     with pytest.raises(ValueError, match="is not valid YAML"):
