@@ -126,7 +126,7 @@ def sample_hard_negatives(
             has_any = ok.any(dim=1)  # (B,)
             if uniform > 0:
                 flat = ok.float() / ok.sum(dim=1, keepdim=True).clamp_min(1)  # (B, B)
-                weights = (1 - uniform) * weights / weights.sum(dim=1, keepdim=True) + uniform * flat
+                weights = (1 - uniform) * weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30) + uniform * flat
             pick = torch.multinomial(weights + (~has_any)[:, None].float(), 1, generator=generator).squeeze(1)
             picks.append(pick.masked_fill(~has_any, -1))  # (B,)
     return picks[0], picks[1]
