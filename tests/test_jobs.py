@@ -108,6 +108,9 @@ def test_nothing_readable_is_exit_1_with_one_line(shapes, tmp_path, cache):
     )
     assert index.exit_code == 1 and "error: no image of" in index.output and "12 reject(s)" in index.output
     assert len(read_rejects(tmp_path / "idx" / "rejects.jsonl")) == 12
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["rejects.jsonl"]  # the same command runs again
+    again = runner.invoke(app, ["index", str(shapes), "-o", str(tmp_path / "idx"), "-m", "tiny", "-j", "0", "--quiet"])
+    assert again.exit_code == 0 and not read_rejects(tmp_path / "idx" / "rejects.jsonl"), again.output
 
 
 def test_train_writes_progress_lines_to_a_log_file(shapes, tmp_path):
