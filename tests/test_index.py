@@ -150,6 +150,22 @@ def test_append_equals_full_rebuild(tmp_path, tiny_matcher):
     with pytest.raises(ValueError, match="already holds an index"):
         build_index(full, tmp_path / "grown", tiny_matcher, opts=opts)
 
+    # a damaged shard: the advice is what works for it (--resume rebuilds the last job's shards only)
+    from mmcross.index.store import DamagedIndex, check_index, read_manifest
+
+    grown = tmp_path / "grown"
+    resume = BuildOptions(shard_size=4, resume=True, progress=False)
+    saved = (grown / "text_tokens" / "text_mask_2.npy").read_bytes()
+    (grown / "text_tokens" / "text_mask_2.npy").unlink()  # the appended shard
+    with pytest.raises(DamagedIndex, match="rebuild the damaged shards with `mmcross index .* --resum"):
+        check_index(grown, read_manifest(grown))
+    (grown / "text_tokens" / "text_mask_2.npy").write_bytes(saved)
+    (grown / "text_tokens" / "text_mask_0.npy").unlink()  # one from before --append
+    with pytest.raises(DamagedIndex, match="shard 0 was built before the last --append.*in a new folder"):
+        check_index(grown, read_manifest(grown))
+    with pytest.raises(DamagedIndex, match="--resume cannot rebuild it: build the index again in a new folder"):
+        build_index(full, grown, tiny_matcher, opts=resume)
+
 
 def test_resume_rebuilds_only_missing_shards(tmp_path, tiny_matcher, dataset):
     opts = BuildOptions(shard_size=4, progress=False)

@@ -239,17 +239,33 @@ def shard_problems(root: Path, n: int, counts: dict, flags: dict) -> list[str]:
 
 def check_index(root: Path, manifest: dict) -> None:
     """Refuse an index whose files do not match its manifest (see `shard_problems`), naming the first problem."""
-    problems = []
+    problems, damaged = [], []
     for n in manifest["shards"]:
-        problems += shard_problems(root, n, manifest["shard_counts"][str(n)], manifest)
+        found = shard_problems(root, n, manifest["shard_counts"][str(n)], manifest)
+        problems += found
+        damaged += [n] * bool(found)
     problems += [f"{rel} is missing" for rel in manifest.get("faiss", {}).values() if not (root / rel).is_file()]
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         dataset = manifest.get("dataset", "DATASET")
+        earlier = sorted(set(damaged) & set(_base_shards(root)))
+        if earlier:  # --resume rebuilds the last job's shards only (`build._sound_shards`)
+            raise DamagedIndex(
+                f"index {root} is damaged: {problems[0]}{more}; shard {earlier[0]} was built before the last "
+                f"--append, which --resume cannot rebuild: build the index again in a new folder"
+            )
         raise DamagedIndex(
             f"index {root} is damaged: {problems[0]}{more}; rebuild the damaged shards with "
             f"`mmcross index {dataset} --out {root} --resume` and the options that built it"
         )
+
+
+def _base_shards(root: Path) -> list[int]:
+    """The shards the last job found already built (its --append base), from its build record."""
+    try:
+        return list(json.loads((root / BUILD).read_text()).get("base_shards") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def concat_npy(root: Path, kind: str, shards: list[int], mmap: bool = False) -> np.ndarray | None:
