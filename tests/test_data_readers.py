@@ -147,6 +147,8 @@ def test_tables_lists_open_clip_columns_image_root_and_named_columns(tmp_path):
         _read(tmp_path / "lists.csv")
     with pytest.raises(ValueError, match="no column 'nope'"):
         _read(tmp_path / "oc.csv", caption_col="nope")
+    with pytest.raises(ValueError, match="column 'filepath' cannot be both the image and the caption column"):
+        _read(tmp_path / "oc.csv", caption_col="filepath")  # was: the path read as the caption
 
 
 def test_table_invalid_utf8_and_bytes_images(tmp_path):

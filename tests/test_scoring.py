@@ -148,6 +148,15 @@ def test_jsonl_rows_keep_every_key_and_number_whatever_the_batch(tmp_path):
     assert table.column("weight").type == "double" and table.column("input_row").to_pylist() == [1, 2, 3, 5, 6, 6, 7]
 
 
+def test_one_column_for_both_image_and_caption_is_refused(tmp_path):
+    _red_png(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\na.png,one\n")
+    args = ["score", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "s.csv"), "-m", "tiny"]
+    result = runner.invoke(app, [*args, "--image-col", "image", "--caption-col", "image"])
+    assert result.exit_code == 2 and "cannot be both the image and the caption column" in result.output
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_a_malformed_csv_row_is_a_row_with_its_reason_not_the_end_of_the_job(tmp_path):
     _red_png(tmp_path / "a.png")
     pairs = tmp_path / "pairs.csv"

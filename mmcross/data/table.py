@@ -71,14 +71,22 @@ def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what:
 
 
 def pick_columns(names: list[str], image_col: str | None, caption_col: str | None, path: Path) -> tuple[str, str]:
-    """(image column, caption column): the named ones (which must exist), else the first recognised name of each."""
-    return _pick(names, image_col, IMAGE_COLS, "image", path), _pick(names, caption_col, CAPTION_COLS, "caption", path)
+    """(image column, caption column): the named ones (which must exist), else the first recognised name of each;
+    never one column for both (a path scored as its own caption)."""
+    image, caption = (
+        _pick(names, image_col, IMAGE_COLS, "image", path),
+        _pick(names, caption_col, CAPTION_COLS, "caption", path),
+    )
+    if image == caption:
+        raise ValueError(f"{path.name}: column {image!r} cannot be both the image and the caption column")
+    return image, caption
 
 
 def _columns(names: list[str], cfg: DataCfg, path: Path) -> _Columns:
+    image, caption = pick_columns(names, cfg.image_col, cfg.caption_col, path)
     return _Columns(
-        image=_pick(names, cfg.image_col, IMAGE_COLS, "image", path),
-        caption=_pick(names, cfg.caption_col, CAPTION_COLS, "caption", path),
+        image=image,
+        caption=caption,
         split="split" if "split" in names else None,
         image_id="image_id" if "image_id" in names else None,
     )
