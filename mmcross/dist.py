@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -36,16 +37,28 @@ def join(rank: int, world_size: int, backend: str = "gloo") -> bool:
     return True
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(name: str, option: str) -> str:
+    """`name` (auto, cpu, cuda or cuda:N) checked against this machine, auto resolved: one line naming `option`
+    instead of torch's error (a traceback at the first tensor moved, or a model that "cannot be built")."""
+    if not DEVICE.fullmatch(name):
+        raise ValueError(f"{option} is auto, cpu, cuda or cuda:N, not {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name.partition(":")[2] or 0) >= count:
+            found = f"{count} CUDA device(s)" if count else "no CUDA device (or a torch build without CUDA)"
+            raise ValueError(f"{option}={name}, but this machine has {found}; use {option}=cpu or auto")
+    return name
+
+
 def setup_training(device_name: str = "auto") -> tuple[int, int, torch.device]:
     """Join the group of a `torchrun` training job (NCCL on CUDA, gloo on CPU); (rank, world size, device)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
-    if cuda and device_name != "auto":  # torch's own error comes as a traceback at the first tensor moved
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device_name.partition(":")[2] or 0)
-        if index >= count:
-            found = f"{count} CUDA device(s)" if count else "no CUDA device (or a torch build without CUDA)"
-            raise ValueError(f"train.device={device_name}, but this machine has {found}; use train.device=cpu or auto")
+    cuda = check_device(device_name, "train.device").startswith("cuda")
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, size = world()

@@ -21,6 +21,7 @@ import torch
 
 from mmcross.config import DataCfg, InferenceCfg, ModelRef, to_dict
 from mmcross.data.records import NothingReadable, Record, Reject, caption_key
+from mmcross.dist import check_device
 from mmcross.encode import encode_records, encode_texts
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.metrics import DEFAULT_KS, image_to_text_ranks, rank_changes, retrieval_metrics, text_to_image_ranks
@@ -266,7 +267,7 @@ def run_eval(
     from mmcross.data.registry import open_dataset
     from mmcross.factory import load_matcher
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = check_device(device, "--device")
     ds = open_dataset(dataset, data_cfg)
     records = [r for r in ds.records() if r.captions]
     if max_images:

@@ -174,3 +174,14 @@ def test_a_dev_image_the_run_cannot_read_is_in_its_rejects(tmp_path):
     rejects = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
     assert [Path(r["path"]).name for r in rejects] == [Path(dev["image"]).name]
     assert summary["rejects"] == 1
+
+
+def test_eval_device_is_checked_in_one_line(tmp_path, monkeypatch):
+    """--device tpu was "cannot build open_clip model ...", --device cuda without CUDA "Found no NVIDIA driver"."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(
+        ["eval", str(tmp_path), "-m", "tiny", "--device", "tpu"], "--device is auto, cpu, cuda or cuda:N, not 'tpu'"
+    )
+    _refused(["eval", str(tmp_path), "-m", "tiny", "--device", "cuda"], "--device=cuda, but this machine has no CUDA")

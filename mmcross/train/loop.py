@@ -7,7 +7,6 @@ import functools
 import json
 import logging
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -23,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
 from mmcross.data.records import NothingReadable, Record, Reject, RejectLog, normalise_split
-from mmcross.dist import any_rank, setup_training, world
+from mmcross.dist import DEVICE, any_rank, setup_training, world
 from mmcross.features import ImageFeatures, TextFeatures
 from mmcross.losses import LossWeights, MatchingLoss
 from mmcross.model import Matcher
@@ -146,7 +145,6 @@ NON_NEGATIVE = (
     "decode_cache_max_gb",
 )
 POSITIVE = ("lr", "fusion_lr", "init_temperature")  # a step size; the temperature divides (its log is learned)
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # `train.device`
 
 
 AUTOCAST = ("auto", "bf16", "off")
