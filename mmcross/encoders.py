@@ -293,7 +293,8 @@ def _unavailable(what: str, err: Exception | str) -> PretrainedUnavailable:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
     return PretrainedUnavailable(
         f"cannot load pretrained weights {what}: {reason}. Download the open_clip checkpoint on a machine that "
-        "can reach it and pass the file: --pretrained /path/to/open_clip_model.safetensors"
+        "can reach it and pass the file: --pretrained /path/to/open_clip_model.safetensors (to train: "
+        "`pretrained:` in the run config, or --set pretrained=/path/to/open_clip_model.safetensors)"
     )
 
 
