@@ -117,6 +117,10 @@ class TrainCfg:
     data: str = ""  # training dataset (any format `open_dataset` reads); relative paths resolve against the cwd
     format: str = "auto"  # reader of `data` and `eval_data`
     split: str = "train"  # split of `data` to train on
+    image_root: str | None = None  # folder relative image paths of `data` and `eval_data` resolve against (a table's
+    # paths written for another machine); None = the format's default
+    image_col: str | None = None  # table column with the image path; None = first of image, filepath, ... found
+    caption_col: str | None = None  # table column with the caption(s); None = first of caption, title, ... found
     eval_data: str | None = None  # dev dataset for periodic evaluation; None = `data`
     eval_split: str | None = "dev"  # split of `eval_data`; None = no periodic evaluation
     eval_max_images: int = 1000  # evaluate on the first N dev images (all of their captions)
@@ -255,6 +259,13 @@ def flatten_dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def list_presets() -> list[str]:
     """Names of the architecture presets shipped with mmcross."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def train_data_cfg(cfg: TrainCfg, split: str | None = None) -> DataCfg:
+    """How a training run reads `train.data` (and `eval_data`): its format, image root and table columns."""
+    return DataCfg(
+        format=cfg.format, split=split, image_root=cfg.image_root, image_col=cfg.image_col, caption_col=cfg.caption_col
+    )
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -355,6 +355,7 @@ def test_paraphrase_matches_equal_a_naive_loop():
 
 
 def test_paraphrases_are_no_negatives_in_feature_cache_batches(tmp_path):
+    from mmcross.config import TrainCfg
     from mmcross.factory import create_matcher
     from mmcross.train.loop import check_cfg, read_records
     from mmcross.train.plan import BatchSource, paraphrase_matches
@@ -362,7 +363,7 @@ def test_paraphrases_are_no_negatives_in_feature_cache_batches(tmp_path):
     manifest = make_shapes(tmp_path / "shapes", n_train=12, n_dev=2)
     sets = {"batch_size": "6", "trainable": "fusion", "feature_cache": "true", "itc_weight": "0"}
     run = short_run(manifest, **sets, paraphrase_cosine="0.9")
-    records, _ = read_records(str(manifest), "auto", "train")
+    records, _ = read_records(str(manifest), TrainCfg(), "train")
     matcher = create_matcher("tiny")
     source = BatchSource(matcher, records, run.train, 0, 1, {}, {})
     batch = next(source.batches(0, 1))
@@ -392,13 +393,14 @@ def test_paraphrases_are_no_negatives_in_feature_cache_batches(tmp_path):
 def test_paraphrase_share_sets_the_cosine_that_marks_that_share_of_the_batches_pairs(tmp_path):
     """`train.paraphrase_share`: the cosine is the (1 - share) quantile of the (image, another image's caption)
     cosines in the run's first 32 batches, computed here by loops, and the mask then uses it; the log says which."""
+    from mmcross.config import TrainCfg
     from mmcross.factory import create_matcher
     from mmcross.train.loop import read_records
     from mmcross.train.plan import BatchSource, paraphrase_matches
 
     manifest = make_shapes(tmp_path / "shapes", n_train=12, n_dev=2)
     sets = {"batch_size": "6", "trainable": "fusion", "feature_cache": "true", "itc_weight": "0"}
-    records, _ = read_records(str(manifest), "auto", "train")
+    records, _ = read_records(str(manifest), TrainCfg(), "train")
     matcher = create_matcher("tiny")
     source = BatchSource(matcher, records, short_run(manifest, **sets, paraphrase_share="0.2").train, 0, 1, {}, {})
     cache = source.cache

@@ -558,6 +558,44 @@ def test_a_fusion_batch_larger_than_the_data_is_refused_before_the_towers_steps(
     assert steps == []
 
 
+def test_train_reads_a_table_with_its_own_columns_and_image_root(shapes, tmp_path):
+    """train.image_root, image_col and caption_col: a CSV whose paths were written for another folder trains as it
+    is, and its dev split is read the same way (train had no way to say either)."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    rows = [json.loads(line) for line in shapes.read_text().splitlines()]
+    table = tmp_path / "elsewhere" / "pairs.csv"
+    table.parent.mkdir()
+    lines = ["pic,words,split"] + [f"{r['image']},{r['captions'][0]},{r['split']}" for r in rows]
+    table.write_text("\n".join(lines) + "\n")
+    sets = {
+        "model": "tiny",
+        "train.data": str(table),
+        "train.image_root": str(shapes.parent),
+        "train.image_col": "pic",
+        "train.caption_col": "words",
+        "train.max_steps": "2",
+        "train.batch_size": "4",
+        "train.eval_max_images": "4",
+        "train.eval_rerank_k": "0",
+        "train.decode_cache": str(tmp_path / "decoded"),
+    }
+
+    def train(out: str, **more: str):
+        options = [a for k, v in {**sets, **more}.items() for a in ("--set", f"{k}={v}")]
+        return CliRunner().invoke(app, ["train", "--out", str(tmp_path / out), "--quiet", *options])
+
+    result = train("run")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["step"] == 2
+    evals = [json.loads(x)["eval"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals and evals[-1]["images"] == 4 and evals[-1]["rejects"] == 0
+    without = train("run2", **{"train.image_root": ""})  # the paths resolve against the table's folder: none there
+    assert without.exit_code == 1 and "none of the training images" in without.output
+
+
 def test_gpu_finetune_config_runs_its_recipe_through_the_cli_on_the_tiny_model(shapes, tmp_path):
     """configs/flickr30k-finetune.yaml (pretrained ViT-B-32 on a GPU) is not run here; its recipe is: last-n
     blocks trainable, head from the ITC, towers' steps by ITC alone, then the fusion phase on look-alike batches."""

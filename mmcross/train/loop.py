@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmcross.config import DataCfg, RunCfg, TrainCfg, to_dict
+from mmcross.config import RunCfg, TrainCfg, to_dict, train_data_cfg
 from mmcross.data.records import NothingReadable, Record, Reject, RejectLog, normalise_split
 from mmcross.dist import DEVICE, any_rank, setup_training, world
 from mmcross.features import ImageFeatures, TextFeatures
@@ -105,11 +105,14 @@ class TrainModule(nn.Module):
         return self.loss(self.matcher, image, text, pair_text, known, itm_rows, itm)
 
 
-def read_records(path: str, fmt: str, split: str | None, option: str = "train.split") -> tuple[list[Record], list]:
-    """(records with captions, the reader's rejects: empty captions, malformed rows) of one split of `path`."""
+def read_records(
+    path: str, cfg: TrainCfg, split: str | None, option: str = "train.split"
+) -> tuple[list[Record], list]:
+    """(records with captions, the reader's rejects: empty captions, malformed rows) of one split of `path`, read
+    as `cfg` says (format, image root, table columns)."""
     from mmcross.data.registry import open_dataset
 
-    ds = open_dataset(path, DataCfg(format=fmt, split=split))
+    ds = open_dataset(path, train_data_cfg(cfg, split))
     records = [r for r in ds.records() if r.captions]
     if not records:
         raise ValueError(ds.nothing_in_split(option))
@@ -525,10 +528,10 @@ def fit(
     negatives = None if resume else dataset_negatives(cfg)
     r = start_run(run, Path(run_dir), resume, deliberate)
     negative_of, also_true = negatives or dataset_negatives(cfg)
-    records, read_rejects = read_records(cfg.data, cfg.format, cfg.split)
+    records, read_rejects = read_records(cfg.data, cfg, cfg.split)
     eval_records: list[Record] = []
     if cfg.eval_split and r.is_main:
-        eval_records = read_records(cfg.eval_data or cfg.data, cfg.format, cfg.eval_split, "train.eval_split")[0]
+        eval_records = read_records(cfg.eval_data or cfg.data, cfg, cfg.eval_split, "train.eval_split")[0]
         eval_records = eval_records[: cfg.eval_max_images]
     rejects = RejectLog(r.run_dir, keep=resume) if r.is_main else None  # every job records what it could not use
     r.reject_log = rejects

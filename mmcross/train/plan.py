@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcross.config import DataCfg, TrainCfg
+from mmcross.config import DataCfg, TrainCfg, train_data_cfg
 from mmcross.data.decoded import DecodedImages, augment_batch, default_cache_dir
 from mmcross.data.loader import collate, load_item
 from mmcross.data.records import NothingReadable, Record, Reject, caption_key
@@ -343,7 +343,7 @@ def decode_cache(
         )
         return None
     folder = default_cache_dir() if cfg.decode_cache.lower() == "auto" else Path(cfg.decode_cache)
-    kwargs = dict(dataset=cfg.data, split=cfg.split, cfg=DataCfg(format=cfg.format), workers=os.cpu_count() or 1)
+    kwargs = dict(dataset=cfg.data, split=cfg.split, cfg=train_data_cfg(cfg), workers=os.cpu_count() or 1)
     if size > 1 and rank != 0:
         barrier()  # rank 0 builds it
     started = time.perf_counter()
@@ -528,7 +528,7 @@ class BatchSource:
         h, w = self.matcher.image_encoder.image_size
         transform = streaming_transform(self.matcher, cfg)
         dataset = PlannedImages(
-            self.records, self.plan, first, count, self.rank, transform, DataCfg(format=cfg.format), (w, h)
+            self.records, self.plan, first, count, self.rank, transform, train_data_cfg(cfg), (w, h)
         )
         loader = torch.utils.data.DataLoader(
             dataset,
