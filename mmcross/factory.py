@@ -195,7 +195,7 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         raise ValueError(f"refusing {path}: a {path.suffix} file may be a pickle, which mmcross never loads; {hint}")
     parsed, head = _safetensors_header(path)
     if parsed is None:
-        kind = "not safetensors"
+        kind = "no safetensors file (its header does not parse: truncated, damaged or another format)"
         if head[:1] == b"\x80":
             kind = "a pickle"
         elif head[:2] == b"PK":

@@ -81,7 +81,7 @@ def check_fingerprint(index: IndexStore, fingerprint: str, model_name: str, conf
     from mmcross.factory import reference_name
 
     name = reference_name(ModelRef.from_dict(manifest["model"]))
-    query = "" if model_name == name else f" is {model_name}"
+    query = "" if model_name == name else f" {model_name}"
     diffs = config_differences(manifest["model"].get("config"), config)
     what = f"differs in {', '.join(diffs)}" if diffs else "has other weights (the same config)"
     raise ValueError(

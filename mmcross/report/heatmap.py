@@ -148,7 +148,7 @@ def render_heatmap(
     width, height = heatmap_size(len(words), panel)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=13)  # the default size (10) draws spaces a pixel wide: "runson"
     for i, line in enumerate(header.splitlines()[:2]):
         draw.text((4, 4 + 17 * i), _fit(draw, line, font, width - 8), fill="black", font=font)
     base = ImageOps.fit(image.convert("RGB"), (panel, panel), Image.BICUBIC)
