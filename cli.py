@@ -478,6 +478,7 @@ def _print_hits(results, target: str, root: Path) -> None:
     """One table per query: image paths relative to the dataset root, shown whole (folded on a narrow terminal,
     never cut), captions wrapped; the id column only where an id is not the path's end (COCO ids, for example)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from mmcross.retrieval import short_path
@@ -490,7 +491,7 @@ def _print_hits(results, target: str, root: Path) -> None:
             continue
         paths = [short_path(h.path, root) for h in answer.hits]
         show_id = any(not p.endswith(h.image_id) for p, h in zip(paths, answer.hits))
-        table = Table(title=answer.query.label)
+        table = Table(title=escape(answer.query.label))  # user text is shown as typed, never read as rich markup
         for name in ("rank", "score", "itc", "itm"):
             table.add_column(name, justify="right", no_wrap=True)
         if show_id:
@@ -501,7 +502,8 @@ def _print_hits(results, target: str, root: Path) -> None:
         for h, path in zip(answer.hits, paths):
             itm = "-" if h.itm is None else f"{h.itm:.3f}"
             cells = [str(h.rank), f"{h.score:.3f}", f"{h.itc:.3f}", itm, *([h.image_id] if show_id else []), path]
-            table.add_row(*cells, *([h.caption or ""] if target == "captions" else []))
+            cells += [h.caption or ""] if target == "captions" else []
+            table.add_row(*map(escape, cells))
         console.print(table)
 
 

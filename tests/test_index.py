@@ -106,7 +106,7 @@ def test_score_jsonl_keeps_rows_and_columns(dataset, tmp_path):
 
 def test_fingerprint_mismatch_is_refused_naming_both(built):
     other = create_matcher("tiny", overrides={"fusion.seed": "1"})
-    with pytest.raises(ValueError, match=r"built with model tiny \(fingerprint sha256:.*query model other \(fingerprint"):
+    with pytest.raises(ValueError, match=r"built with model tiny \(fingerprint sha256:.*query model other \(fing"):
         search_index(built, [Query(text="a cat")], ref=ModelRef(model="other"), matcher=other)
     assert "fingerprint" in invoke(["search", str(built), "--text", "x", "--model", "vit-b-32"], code=2).output
 

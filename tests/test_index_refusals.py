@@ -170,6 +170,7 @@ def test_search_table_shows_whole_paths_relative_to_the_dataset(tmp_path):
         (tmp_path / "ds" / folder).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 32), colour).save(tmp_path / "ds" / name)
         rows.append(f"{name},a long caption about a {colour} beach at sunset with friends and family at home")
+    rows[1] += " [red] sign [/]"  # brackets in a caption are text, not rich markup
     (tmp_path / "ds" / "pairs.csv").write_text("\n".join(rows) + "\n")
     invoke(["index", tmp_path / "ds" / "pairs.csv", "--out", tmp_path / "index", *BUILD])
     table = invoke(["search", tmp_path / "index", "--text", "a red beach", "--k", "3"]).stdout
@@ -177,7 +178,9 @@ def test_search_table_shows_whole_paths_relative_to_the_dataset(tmp_path):
         assert f"{folder}/beach_sunset_with_friends_and_family_number_{i:03d}.jpg" in table
     assert "…" not in table and str(tmp_path) not in table
     captions = invoke(["search", tmp_path / "index", "--text", "red", "--target", "captions", "--k", "3"]).stdout
-    assert "…" not in captions and "number_000.jpg" in captions
+    assert "…" not in captions and "number_000.jpg" in captions and "home [red] sign [/]" in captions
+    brackets = invoke(["search", tmp_path / "index", "--text", "a [/] beach [bold]x[/bold]", "--k", "1"])  # was: a
+    assert "a [/] beach [bold]x[/bold]" in brackets.stdout  # MarkupError traceback, and [bold] dropped in silence
 
 
 def test_resume_with_another_split_or_image_root_is_refused_naming_both(dataset, tmp_path):

@@ -105,9 +105,7 @@ class TrainModule(nn.Module):
         return self.loss(self.matcher, image, text, pair_text, known, itm_rows, itm)
 
 
-def read_records(
-    path: str, cfg: TrainCfg, split: str | None, option: str = "train.split"
-) -> tuple[list[Record], list]:
+def read_records(path: str, cfg: TrainCfg, split: str | None, option: str = "train.split") -> tuple[list[Record], list]:
     """(records with captions, the reader's rejects: empty captions, malformed rows) of one split of `path`, read
     as `cfg` says (format, image root, table columns)."""
     from mmcross.data.registry import open_dataset
