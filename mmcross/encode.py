@@ -47,6 +47,7 @@ def encode_images(
     cfg: DataCfg | None = None,
     tokens: bool = True,
     draft: bool = False,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[EncodedImages]:
     """Stream the encoder outputs of `records`' images in input order (eval transform), batch by batch.
 
@@ -60,6 +61,8 @@ def encode_images(
             (B, 0, Dv) tensor).
         draft: decode JPEGs at the smallest DCT scale at least the model's input size (faster on large photos;
             pixels differ slightly from a full decode).
+        batches: the positions of each encoder call, instead of runs of `batch_size` (an int8 graph quantises its
+            activations per call, so its vectors depend on what else is in the batch).
     """
     encoder = matcher.image_encoder
     loader = image_loader(
@@ -69,6 +72,7 @@ def encode_images(
         workers=workers,
         cfg=cfg,
         draft_size=tuple(encoder.image_size[::-1]) if draft else None,
+        batches=batches,
     )
     for batch in loader:
         features = None

@@ -182,6 +182,29 @@ def test_resume_rebuilds_only_missing_shards(tmp_path, tiny_matcher, dataset):
     _assert_same_index(tmp_path / "ref", tmp_path / "cut")
 
 
+def test_a_shards_vectors_do_not_depend_on_which_shards_a_run_builds(tmp_path, dataset, monkeypatch):
+    """int8 graphs quantise activations per batch, so a vector depends on its batch: batches never span two shards,
+    and a resumed build (or another rank) gives the same vectors. Here a batch-dependent encoder stands in."""
+    matcher = create_matcher("tiny")
+    plain = matcher.encode_image
+
+    def batch_dependent(pixels):
+        features = plain(pixels)
+        features.pooled = torch.nn.functional.normalize(features.pooled + pixels.mean(), dim=-1)
+        return features
+
+    monkeypatch.setattr(matcher, "encode_image", batch_dependent)
+    opts = BuildOptions(shard_size=4, batch_size=3, progress=False)
+    build_index(dataset, tmp_path / "ref", matcher, opts=opts)
+    build_index(dataset, tmp_path / "cut", matcher, opts=opts)
+    (tmp_path / "cut" / "manifest.json").unlink()  # killed after shard 0
+    for n in (1, 2):
+        (tmp_path / "cut" / "shards" / f"shard_{n}.json").unlink()
+    build_index(dataset, tmp_path / "cut", matcher, opts=BuildOptions(shard_size=4, batch_size=3, resume=True))
+    _assert_same_index(tmp_path / "ref", tmp_path / "cut")
+    assert np.array_equal(_vectors(tmp_path / "ref")[0], _vectors(tmp_path / "cut")[0])
+
+
 def test_no_images_and_no_captions(tmp_path, tiny_matcher, dataset):
     build_index(dataset, tmp_path / "t", tiny_matcher, opts=BuildOptions(images=False, progress=False))
     store = IndexStore(tmp_path / "t")

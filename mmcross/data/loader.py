@@ -118,6 +118,7 @@ def image_loader(
     cfg: DataCfg | None = None,
     draft_size: tuple[int, int] | None = None,
     shuffle: bool = False,
+    batches: Sequence[Sequence[int]] | None = None,
     **loader_kwargs,
 ) -> DataLoader:
     """A DataLoader of `LoadedBatch`es; decoding and `transform` run in `workers` processes.
@@ -130,6 +131,7 @@ def image_loader(
         cfg: image options (pixel limit, background); defaults to `DataCfg()`.
         draft_size: (width, height) hint for reduced-scale JPEG decoding, e.g. the model's input size.
         shuffle: shuffle a sequence each epoch (streams are read in order).
+        batches: the positions of each batch, in order, instead of `batch_size` and `shuffle` (a sequence only).
         **loader_kwargs: passed to `torch.utils.data.DataLoader` (pin_memory, persistent_workers, ...).
     """
     if callable(records) and not isinstance(records, Sequence):
@@ -137,6 +139,8 @@ def image_loader(
         shuffle = False
     else:
         dataset = RecordImages(records, transform, cfg, draft_size)
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, **loader_kwargs)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate, **loader_kwargs
     )

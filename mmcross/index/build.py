@@ -429,14 +429,13 @@ def _embed_shards(
 
     flat = [records[i] for _, i in todo]
     owner = [n for n, _ in todo]
+    # a batch never spans two shards, so a shard's vectors do not depend on which shards one run builds (a resume,
+    # another rank): int8 graphs quantise activations per batch
+    starts = [k for k in range(len(todo)) if k == 0 or owner[k] != owner[k - 1]] + [len(todo)]
+    per_shard = [range(a, b) for a, b in zip(starts, starts[1:])]
+    calls = [list(span[i : i + opts.batch_size]) for span in per_shard for i in range(0, len(span), opts.batch_size)]
     batches = encode_images(
-        matcher,
-        flat,
-        batch_size=opts.batch_size,
-        workers=opts.workers,
-        cfg=data_cfg,
-        tokens=opts.cache_tokens,
-        draft=True,
+        matcher, flat, workers=opts.workers, cfg=data_cfg, tokens=opts.cache_tokens, draft=True, batches=calls
     )
     pending: dict[int, dict] = {n: {"left": min(S, len(records) - spans[n]), "rows": [], "rejects": []} for n in shards}
     for batch in batches:
