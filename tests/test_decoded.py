@@ -399,23 +399,32 @@ def test_paraphrase_share_sets_the_cosine_that_marks_that_share_of_the_batches_p
     from mmcross.train.plan import BatchSource, paraphrase_matches
 
     manifest = make_shapes(tmp_path / "shapes", n_train=12, n_dev=2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:  # a caption every image repeats: those pairs are known matches already, left out of the share
+        row["captions"].append("a picture")
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     sets = {"batch_size": "6", "trainable": "fusion", "feature_cache": "true", "itc_weight": "0"}
     records, _ = read_records(str(manifest), TrainCfg(), "train")
     matcher = create_matcher("tiny")
     source = BatchSource(matcher, records, short_run(manifest, **sets, paraphrase_share="0.2").train, 0, 1, {}, {})
     cache = source.cache
     unit = F.normalize(cache.texts.pooled.float(), dim=-1)
-    pairs = []
+    pairs, repeats = [], 0
     for m in range(32):
         _, images, captions = source.plan.micro_batch(m, 0)
-        for i in images:
+        drawn = [int(cache.first_caption[j]) + c for j, c in zip(images, captions)]
+        for a, i in enumerate(images):
             own = range(int(cache.first_caption[i]), int(cache.first_caption[i]) + len(records[i].captions))
-            for j, c in zip(images, captions):
-                if j != i:
-                    drawn = int(cache.first_caption[j]) + c
-                    pairs.append(max(float(unit[o] @ unit[drawn]) for o in own))
+            for b, j in enumerate(images):
+                if j == i:
+                    continue
+                if cache.captions[drawn[b]] in records[i].captions:
+                    repeats += 1  # word for word one of image i's own
+                    continue
+                pairs.append(max(float(unit[o] @ unit[drawn[b]]) for o in own))
+    assert repeats > 0.2 * (repeats + len(pairs))  # more than the share: with them, the cosine would be 1
     expected = float(np.quantile(pairs, 0.8))
-    assert source.paraphrase_cosine == pytest.approx(expected, abs=1e-5)
+    assert source.paraphrase_cosine == pytest.approx(expected, abs=1e-5) and source.paraphrase_cosine < 0.999
     assert 0.15 <= np.mean(np.array(pairs) >= source.paraphrase_cosine) <= 0.25
     plain = BatchSource(matcher, records, short_run(manifest, **sets).train, 0, 1, {}, {})
     _, images, captions = source.plan.micro_batch(0, 0)
@@ -430,3 +439,7 @@ def test_paraphrase_share_sets_the_cosine_that_marks_that_share_of_the_batches_p
     lines = [json.loads(x) for x in (run.run_dir / "log.jsonl").read_text().splitlines()]
     chosen = [x for x in lines if "paraphrase_share" in x]
     assert chosen == [{"step": 0, "paraphrase_share": 0.2, "paraphrase_cosine": source.paraphrase_cosine}]
+    longer = short_run(manifest, **sets, paraphrase_share="0.2", max_steps="4")
+    fit(longer, run.run_dir, resume=True, progress=False, deliberate={"max_steps"})  # the source is built again
+    lines = [json.loads(x) for x in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "paraphrase_share" in x] == [0]  # once, where the phase starts

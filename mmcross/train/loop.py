@@ -559,7 +559,9 @@ def fit(
                     _log_rejects(rejects, err.rejects)
                     raise
                 _log_new_rejects(rejects, source, logged, r.size)  # the decode or feature cache's, first
-                if log_file and cfg.paraphrase_share > 0 and source.unit_texts is not None:
+                done = (r.step - r.phase_start) * r.cfg.accum_steps
+                # once, where the phase starts: a resumed run's log stays the uninterrupted one's
+                if log_file and cfg.paraphrase_share > 0 and source.unit_texts is not None and done == 0:
                     chosen = {"paraphrase_share": cfg.paraphrase_share, "paraphrase_cosine": source.paraphrase_cosine}
                     log_file.write(json.dumps({"step": r.step, **chosen}) + "\n")
                     log.info(
@@ -567,7 +569,6 @@ def fit(
                         source.paraphrase_cosine,
                         cfg.paraphrase_share,
                     )
-                done = (r.step - r.phase_start) * r.cfg.accum_steps
                 batches = source.batches(done, (r.cfg.max_steps - r.step + r.phase_start) * r.cfg.accum_steps)
                 window = {"samples": 0.0, "start": time.perf_counter()}
                 r.module.train()

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,12 +263,24 @@ def paraphrase_matches(
 
 
 def paraphrase_threshold(
-    cache: FeatureCache, unit_texts: torch.Tensor, counts: torch.Tensor, plan, share: float, batches: int = 32
+    cache: FeatureCache,
+    unit_texts: torch.Tensor,
+    counts: torch.Tensor,
+    plan,
+    share: float,
+    known_of: Callable[[list[int], list[int]], torch.Tensor],
+    batches: int = 32,
 ) -> float:
     """The cosine above which `share` of the (image, another image's drawn caption) pairs lie in the first
     `batches` micro-batches of `plan` (rank 0's: every rank computes the same value), so the paraphrase mask marks
-    about that share of the pairs training meets, whatever the text tower's cosines look like. `counts`: (N,)
-    captions of each training image."""
+    about that share of the pairs training meets, whatever the text tower's cosines look like.
+
+    Args:
+        counts: (N,) captions of each training image.
+        known_of: (images, drawn caption indices) -> (B, B) bool of the pairs already known to match (repeated
+            captions, the same image file): left out, since the mask adds nothing there (repeats, at cosine 1, would
+            otherwise take the share and leave the mask empty).
+    """
     found = []
     for m in range(batches):
         _, images, captions = plan.micro_batch(m, 0)
@@ -276,8 +288,9 @@ def paraphrase_threshold(
         idx = torch.tensor([images[k] for k in keep], dtype=torch.long)
         cap = cache.first_caption[idx] + torch.tensor([captions[k] for k in keep], dtype=torch.long)
         cosine = paraphrase_cosines(unit_texts, cache.first_caption[idx], counts[idx], cap)
-        found.append(cosine[idx[:, None] != idx[None, :]])
-    return float(np.quantile(torch.cat(found).numpy(), 1.0 - share))
+        found.append(cosine[~known_of(idx.tolist(), cap.tolist())])
+    pool = torch.cat(found)
+    return float(np.quantile(pool.numpy(), 1.0 - share)) if len(pool) else 1.0
 
 
 def dataset_pairs(matcher: Matcher, records: Sequence[Record], captions: Sequence[str], negative_of):
@@ -459,8 +472,13 @@ class BatchSource:
         else:
             self.plan = EpochPlan(len(records), counts, cfg.batch_size, size, cfg.seed, cfg.captions_per_image)
         if self.unit_texts is not None and cfg.paraphrase_share > 0:
+
+            def known_of(images: list[int], drawn: list[int]) -> torch.Tensor:
+                captions = [self.cache.captions[c] for c in drawn]
+                return known_matches([self.records[i] for i in images], captions, self.also_true)
+
             self.paraphrase_cosine = paraphrase_threshold(
-                self.cache, self.unit_texts, torch.tensor(counts), self.plan, cfg.paraphrase_share
+                self.cache, self.unit_texts, torch.tensor(counts), self.plan, cfg.paraphrase_share, known_of
             )
 
     def new_rejects(self) -> list[Reject]:
