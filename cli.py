@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -642,6 +643,8 @@ def train(
         if blocking is not None:
             raise ValueError(f"--out {out} is the run's folder, but {blocking} is a file")
         result = train_from_config(config, out, overrides, resume=resume, progress=progress and not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 says what the run did, once
+        return
     summary = {
         "run_dir": str(result.run_dir),
         "step": result.step,

@@ -38,14 +38,34 @@ def gather_with_grad(x: torch.Tensor, counts: list[int] | None = None) -> torch.
     _, size = world()
     if size == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
     counts = row_counts(x.shape[0], x.device) if counts is None else counts
     most = max(counts)
     if x.shape[0] < most:
         x = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
-    parts = all_gather(x.contiguous())
+    parts = _AllGather.apply(x.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's tensor (one shape on all), in rank order; backward, each rank gets the sum over ranks of the
+    gradient of its own part. What `torch.distributed.nn.all_gather` did; torch 2.14 deprecates that, pointing to
+    a private module, so these few lines stand in (gloo and NCCL both all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = torch.stack(grads).contiguous()  # (world, ...): this rank's gradient of every rank's part
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 class ContrastiveLoss(nn.Module):

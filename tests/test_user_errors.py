@@ -185,3 +185,12 @@ def test_eval_device_is_checked_in_one_line(tmp_path, monkeypatch):
         ["eval", str(tmp_path), "-m", "tiny", "--device", "tpu"], "--device is auto, cpu, cuda or cuda:N, not 'tpu'"
     )
     _refused(["eval", str(tmp_path), "-m", "tiny", "--device", "cuda"], "--device=cuda, but this machine has no CUDA")
+
+
+def test_under_torchrun_only_rank_0_prints_the_summary(shapes, tmp_path, monkeypatch):
+    """`torchrun ... train > summary.json` is one JSON object: the other ranks print none (rank 1 printed one)."""
+    args = ["train", "--out", str(tmp_path / "run"), "--set", "model=tiny", "--set", f"train.data={shapes}"]
+    args += ["--set", "train.eval_split=none", "--set", "train.batch_size=8", "--set", "train.max_steps=1", "--quiet"]
+    monkeypatch.setenv("RANK", "1")  # rank 1's view once its steps are done (no process group: WORLD_SIZE unset)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and result.stdout == "", result.output
