@@ -570,9 +570,13 @@ def score(
             "part that fits (the rest is cut, as the text tower's context requires)",
             err=True,
         )
-    for reject in report.stats.rejects:  # malformed input rows: written with their input_row and reason only
+    shown = 10  # malformed input rows: written with their input_row and reason only; the output lists them all
+    for reject in report.stats.rejects[:shown]:
         where = reject.path if reject.line is None else f"{reject.path}:{reject.line}"
         typer.echo(f"note: {where}: {reject.reason} (written with its input_row and reason, no scores)", err=True)
+    if len(report.stats.rejects) > shown:
+        more = len(report.stats.rejects) - shown
+        typer.echo(f"note: {more:,} more malformed row(s), each in {out} with its input_row and reason", err=True)
 
 
 @app.command()

@@ -172,6 +172,10 @@ def test_a_malformed_csv_row_is_a_row_with_its_reason_not_the_end_of_the_job(tmp
     assert rows[4]["reason"] == "malformed row (4 fields, the header has 2)"
     assert all(rows[i]["itc"] for i in (0, 2, 3))
     assert "malformed row (3 fields, the header has 2): a.png,a dog, running" in result.output
+    pairs.write_text("image,caption\n" + "".join(f"a.png,dog, {i}\n" for i in range(25)))  # a comma in each
+    many = runner.invoke(app, ["score", str(pairs), "-o", str(out), "-m", "tiny"])
+    assert many.exit_code == 0 and many.output.count(": malformed row (") == 10, many.output  # ten, then a count
+    assert f"note: 15 more malformed row(s), each in {out} with its input_row and reason" in many.output
 
 
 def test_parquet_image_bytes_and_structs_are_scored_and_written_as_text_to_csv(tmp_path):
