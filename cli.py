@@ -51,9 +51,17 @@ _QUIET = typer.Option(False, "--quiet", help="Show no progress on stderr (bar on
 
 
 def _ref(model: str | None, pretrained: str | None, checkpoint: Path | None, set_: list[str] | None):
-    """The model reference of a command's model options (`mmcross.config.ModelRef`)."""
-    from mmcross.config import ModelRef, parse_set_options
+    """The model reference of a command's model options (`mmcross.config.ModelRef`); with none of --model,
+    --pretrained and --checkpoint, a note that the default preset's towers are random-init (its numbers mean
+    nothing, and nothing else would tell the user so)."""
+    from mmcross.config import DEFAULT_MODEL, ModelRef, parse_set_options
 
+    if model is None and pretrained is None and checkpoint is None:
+        typer.echo(
+            f"note: no --checkpoint, --pretrained or --model: {DEFAULT_MODEL} with random-init weights, whose "
+            "vectors and rankings mean nothing; pass --checkpoint RUN_DIR (a training run) or --pretrained WEIGHTS",
+            err=True,
+        )
     return ModelRef(
         model=model,
         pretrained=pretrained,

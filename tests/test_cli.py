@@ -86,6 +86,17 @@ def test_embed_checkpoint_gives_its_own_weights(tmp_path):
     assert other.exit_code == 2 and "drop --model" in other.output
 
 
+def test_a_command_with_no_model_named_says_its_default_is_random_init():
+    """No --model, --pretrained or --checkpoint: the default ViT-B-32 has random weights, and the user is told so
+    (its vectors came back with no word of it); a model the user names is taken as meant."""
+    result = runner.invoke(app, ["embed", "-t", "a dog"])
+    assert result.exit_code == 0, result.output
+    assert "vit-b-32 with random-init weights" in result.stderr and "--checkpoint RUN_DIR" in result.stderr
+    assert len(json.loads(result.stdout)["embedding"]) == 512
+    named = runner.invoke(app, ["embed", "--model", "tiny", "-t", "a dog"])
+    assert named.exit_code == 0 and "random-init" not in named.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
