@@ -15,6 +15,7 @@ the sha256 of both files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,8 +41,9 @@ def versions(tools: tuple[str, ...] = ONNX_TOOLS) -> dict[str, str]:
     return {name: version(name) for name in tools}
 
 
+@functools.cache
 def code_hash() -> str:
-    """sha256 (16 hex digits) of the mmcross sources a graph is traced from."""
+    """sha256 (16 hex digits) of the mmcross sources a graph is traced from (read once per process)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for name in _TRACED:

@@ -53,7 +53,6 @@ SHARD_KEYS = (
 )
 # What every rank of a job must be given alike: ranks started by hand cannot ask each other, build.json tells them.
 RANK_KEYS = (*SHARD_KEYS, "faiss", "base_shards", "world_size")
-REJECTS = "rejects.jsonl"
 
 
 @dataclass
@@ -160,7 +159,7 @@ def _claim(root: Path, job: dict, opts: BuildOptions) -> None:
     elif not path.exists():
         # another rank creates build.json before anything else, so more than it (or its temporary file) is not ours;
         # rejects.jsonl alone is what a build that could read no image leaves (`build_index`): this one replaces it
-        ours = (store.BUILD, f".{store.BUILD}.", REJECTS)
+        ours = (store.BUILD, f".{store.BUILD}.", store.REJECTS)
         others = [p for p in root.iterdir() if not p.name.startswith(ours)]
         if others and not path.exists():
             raise ValueError(f"{root} is not empty; give an empty or new folder")
@@ -279,7 +278,7 @@ def build_index(
         manifest = store.read_manifest(root)
         report.images, report.captions, report.rejects = manifest["images"], manifest["captions"], manifest["rejects"]
         if opts.images and report.images == 0:  # an index of nothing is not a success (exit 1)
-            why = f"{report.rejects:,} reject(s): {root / REJECTS}"
+            why = f"{report.rejects:,} reject(s): {root / store.REJECTS}"
             if not job["base_shards"]:  # a new index: gone but its rejects, so the fixed command runs in its folder
                 _remove_index_files(root)
                 why += "; nothing else was kept"
@@ -293,7 +292,7 @@ def _remove_index_files(root: Path) -> None:
     """Remove what a build wrote in `root` (store's layout), except rejects.jsonl."""
     import shutil
 
-    for name in ("img_emb", "text_emb", "metadata", "text_metadata", "img_tokens", "text_tokens", "shards", "faiss"):
+    for name in store.FOLDERS:
         shutil.rmtree(root / name, ignore_errors=True)
     for name in (store.MANIFEST, store.BUILD):
         (root / name).unlink(missing_ok=True)
@@ -494,7 +493,7 @@ def _finish(root: Path, job: dict, reader_rejects: list, opts: BuildOptions) -> 
         for n in shards
     }
     rejects = [r.to_json() for r in reader_rejects] if not job["base_shards"] else []
-    old_rejects = root / REJECTS
+    old_rejects = root / store.REJECTS
     lines = old_rejects.read_text().splitlines() if job["base_shards"] and old_rejects.is_file() else []
     lines += rejects + [json.dumps(r, ensure_ascii=False) for n in n_records_shards for r in markers[n]["rejects"]]
     store.atomic_write_bytes(old_rejects, ("\n".join(lines) + "\n" if lines else "").encode())

@@ -34,6 +34,9 @@ import torch
 
 MANIFEST = "manifest.json"
 BUILD = "build.json"
+REJECTS = "rejects.jsonl"
+# the layout's folders (above), each holding one kind of shard file
+FOLDERS = ("img_emb", "text_emb", "metadata", "text_metadata", "img_tokens", "text_tokens", "shards", "faiss")
 FORMAT, FORMAT_VERSION = "mmcross.index", "1"
 
 
