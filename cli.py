@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -654,9 +655,8 @@ def train(
         if blocking is not None:
             raise ValueError(f"--out {out} is the run's folder, but {blocking} is a file")
         result = train_from_config(config, out, overrides, resume=resume, progress=progress and not quiet)
-    from mmcross.dist import rank_from_env
-
-    if rank_from_env()[0] != 0:  # under torchrun: rank 0 says what the run did, once
+    # under torchrun rank 0 says what the run did, once (its RANK alone: the process group is gone by now)
+    if int(os.environ.get("RANK", "0")) != 0:
         return
     summary = {
         "run_dir": str(result.run_dir),
